@@ -1,0 +1,1 @@
+"""mushcam training toolchain: photos -> int8 TFLite model bundle (workstation only)."""
