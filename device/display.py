@@ -99,8 +99,9 @@ def _draw(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, font, bold:
     x, y = xy
     _, top, _, _ = _bbox(text or "A", font)
     draw.text((x, y - top), text, font=font, fill=1)
-    if bold:
-        # Pillow's default font has no bold; a one-pixel offset reads well on a 1-bit OLED.
+    if bold and isinstance(font, ImageFont.FreeTypeFont):
+        # Pillow's default font has no bold; a one-pixel offset reads well on a 1-bit OLED (but
+        # smears the already heavy bitmap fallback font, so only for FreeType).
         draw.text((x + 1, y - top), text, font=font, fill=1)
 
 

@@ -177,3 +177,13 @@ def test_null_display_accepts_anything():
     with open_display("none") as display:
         assert isinstance(display, NullDisplay)
         display.show(Screen("x", "EDIBLE", 1.0))
+
+
+def test_without_freetype_the_bitmap_font_still_fits(monkeypatch):
+    from PIL import ImageFont
+
+    # Pillow built without FreeType has only its 6 px-wide bitmap font, whatever size is asked.
+    monkeypatch.setattr(display_module, "_font", lambda size: ImageFont.load_default_imagefont())
+    image = render(Screen("Death cap", "POISONOUS", 0.97, "detail"))
+    assert contains(image, text_image(SAFETY_LINES[1], 10))  # the shorter wording: 102 px
+    assert lit(image, VERDICT_AREA) > 40
