@@ -324,6 +324,8 @@ r_clear_partial() {
 
 r_finalize() {
 	local rel=$1/releases/$2
+	# Readable by the daemon's user, writable only by the deploying one, whatever the workstation's modes.
+	chmod -R u=rwX,go=rX -- "$rel.partial"
 	mv -T -- "$rel.partial" "$rel"
 	# mtime = when the release arrived (rsync copied the bundle's own mtime); pruning and
 	# rollback order releases by it.
@@ -434,7 +436,7 @@ r_health() {
 			echo "after ${timeout}s $service is '${state:-unknown}' and $status does not report $(r_current "$root"): $(tr -d '\n' <"$status" 2>/dev/null || echo 'no status file')"
 			return 1
 		fi
-		sleep 0.5
+		sleep 0.25
 	done
 }
 
@@ -599,7 +601,9 @@ rsync_rsh() {
 transfer() { # METHOD
 	local dest=$MODEL_ROOT/releases/$RELEASE.partial
 	if [[ $1 == rsync ]]; then
-		local args=(-a --partial --delete --timeout=60 -e "$(rsync_rsh)")
+		# -rt, not -a: the device's files belong to the deploying user, not to a workstation uid,
+		# and a symlink in a bundle is skipped rather than recreated on the device.
+		local args=(-rt --partial --delete --timeout=60 -e "$(rsync_rsh)")
 		[[ -n $RSYNC_PATH ]] && args+=(--rsync-path="$RSYNC_PATH")
 		rsync "${args[@]}" -- "$BUNDLE/" "$COPY_HOST:$dest/" 2>&1
 	else
