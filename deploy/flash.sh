@@ -18,8 +18,8 @@ up to --parallel at a time:
   2. check every sha256 on the device against the card (and the card against the local one);
   3. run `MUSHCAM selftest --model RELEASE` on the device;
   4. switch MODEL_ROOT/current to the release atomically (new symlink + mv -T);
-  5. `SYSTEMCTL reload SERVICE` and wait until the service is active and its status file reports
-     the new model's version and sha256.
+  5. `SYSTEMCTL reload SERVICE` (or start, if it is not running) and wait until the service is active
+     and its status file reports the new model's version and sha256.
 If any step fails, `current` goes back to the previous release (reloaded), the new release is renamed
 <name>.failed, and the device keeps serving what it served before. A copy cut off midway leaves only
 <name>.partial (resumed by the next run). After a success the last --keep releases are kept
@@ -35,7 +35,8 @@ Options:
   --dry-run             print what would be done and change nothing (a flash connects to nothing;
                         a rollback connects to find the release it would go back to)
   --rollback HOST       point HOST's `current` back at its previous good release, reload, mark the
-                        abandoned release .failed (repeatable; no BUNDLE)
+                        abandoned release .failed (repeatable; no BUNDLE; with --inventory, only
+                        HOST's settings are taken from it)
   --model-root DIR      model root on the device (default /var/lib/mushcam/models)
   --status-file FILE    status file the daemon writes (default /run/mushcam/status.json)
   --mushcam CMD         mushcam command on the device (default mushcam)
@@ -90,7 +91,7 @@ need_value() {
 }
 
 parse_args() {
-	local positional=() arg
+	local positional=() rollback_hosts=() inventory_lines=() arg line first words=()
 	while [[ $# -gt 0 ]]; do
 		arg=$1
 		if [[ $arg == --*=* ]]; then
@@ -102,7 +103,7 @@ parse_args() {
 		--inventory) need_value "$@"; INVENTORY=$2; shift ;;
 		--parallel) need_value "$@"; PARALLEL=$2; shift ;;
 		--dry-run) DRY_RUN=1 ;;
-		--rollback) need_value "$@"; ROLLBACK=1; HOST_LINES+=("$(printf '%q' "$2")"); shift ;;
+		--rollback) need_value "$@"; ROLLBACK=1; rollback_hosts+=("$2"); shift ;;
 		--model-root) need_value "$@"; MODEL_ROOT=$2; shift ;;
 		--status-file) need_value "$@"; STATUS_FILE=$2; shift ;;
 		--mushcam) need_value "$@"; MUSHCAM=$2; shift ;;
@@ -130,26 +131,43 @@ parse_args() {
 	[[ $TRANSFER == auto || $TRANSFER == rsync || $TRANSFER == scp ]] ||
 		die "--transfer must be auto, rsync or scp, not '$TRANSFER'"
 
+	if [[ -n $INVENTORY ]]; then
+		[[ -f $INVENTORY ]] || die "inventory $INVENTORY not found"
+		while IFS= read -r line || [[ -n $line ]]; do
+			line=${line%%#*}
+			[[ $line =~ [^[:space:]] ]] || continue
+			inventory_lines+=("$line")
+		done <"$INVENTORY"
+	fi
 	if [[ $ROLLBACK == 1 ]]; then
-		# Extra positional arguments in rollback mode are more hosts.
-		for arg in "${positional[@]}"; do HOST_LINES+=("$(printf '%q' "$arg")"); done
+		[[ ${#positional[@]} -eq 0 ]] || die "--rollback takes no BUNDLE or other hosts: give each host with --rollback HOST"
+		# Only the hosts named with --rollback; the inventory only supplies their settings.
+		for arg in "${rollback_hosts[@]}"; do
+			first=$(printf '%q' "$arg")
+			for line in "${inventory_lines[@]}"; do
+				mapfile -t words < <(split_words "$line")
+				if [[ ${words[0]} == "$arg" ]]; then
+					first=$line
+					break
+				fi
+			done
+			HOST_LINES+=("$first")
+		done
 	else
 		[[ ${#positional[@]} -ge 1 ]] || die "no BUNDLE given (see --help)"
 		BUNDLE=${positional[0]%/}
 		for arg in "${positional[@]:1}"; do HOST_LINES+=("$(printf '%q' "$arg")"); done
-	fi
-	if [[ -n $INVENTORY ]]; then
-		[[ -f $INVENTORY ]] || die "inventory $INVENTORY not found"
-		local line
-		while IFS= read -r line || [[ -n $line ]]; do
-			line=${line%%#*}
-			[[ $line =~ [^[:space:]] ]] || continue
-			HOST_LINES+=("$line")
-		done <"$INVENTORY"
+		HOST_LINES+=("${inventory_lines[@]}")
 	fi
 	[[ ${#HOST_LINES[@]} -ge 1 ]] || die "no hosts given (HOST... or --inventory FILE)"
-	local i
-	for i in "${!HOST_LINES[@]}"; do check_host_line "${HOST_LINES[$i]}"; done
+	local i seen=" "
+	for i in "${!HOST_LINES[@]}"; do
+		check_host_line "${HOST_LINES[$i]}"
+		mapfile -t words < <(split_words "${HOST_LINES[$i]}")
+		# Two jobs on one device would race on its `current` link.
+		[[ $seen != *" ${words[0]} "* ]] || die "host ${words[0]} is listed twice"
+		seen+="${words[0]} "
+	done
 }
 
 # Split an inventory line into words, honouring quotes (xargs does the quote parsing, no eval).
@@ -304,6 +322,10 @@ r_prepare() {
 		echo "python3 not found on the device (the mushcam daemon needs it too)" >&2
 		return 1
 	}
+	if [[ ! -d $root ]]; then
+		echo "model root $root does not exist on the device: run deploy/install.sh there, or check --model-root" >&2
+		return 1
+	fi
 	if [[ -e $root/current && ! -L $root/current ]]; then
 		echo "$root/current is not a symlink; move it into $root/releases/ and link it" >&2
 		return 1
@@ -413,8 +435,12 @@ r_health() {
 	read -r -a sc <<<"$2"
 	if [[ $reload == 1 ]]; then
 		since=$(date +%s)
-		if ! "${sc[@]}" reload "$service" 2>&1; then
-			echo "'$2 reload $service' failed"
+		# A stopped service (a fresh install, a crash) is started on the new model rather than
+		# reloaded: the device should end up serving either way.
+		local action=reload
+		"${sc[@]}" is-active --quiet "$service" || action=start
+		if ! "${sc[@]}" "$action" "$service" 2>&1; then
+			echo "'$2 $action $service' failed"
 			return 1
 		fi
 	fi

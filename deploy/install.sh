@@ -145,9 +145,9 @@ step_user() {
 		user_exists "$DEPLOY_USER" || die "deploy user $DEPLOY_USER does not exist"
 		local systemctl
 		systemctl=$(command -v systemctl || echo /usr/bin/systemctl)
-		# Exactly the two commands flash.sh runs with --systemctl "sudo -n systemctl"; nothing else.
+		# Exactly the commands flash.sh runs with --systemctl "sudo -n systemctl"; nothing else.
 		install_file "$SUDOERS" 0440 "# deploy/install.sh: $DEPLOY_USER may reload mushcam (deploy/flash.sh)
-$DEPLOY_USER ALL=(root) NOPASSWD: $systemctl reload mushcam, $systemctl is-active mushcam, $systemctl is-active --quiet mushcam"
+$DEPLOY_USER ALL=(root) NOPASSWD: $systemctl reload mushcam, $systemctl start mushcam, $systemctl is-active mushcam, $systemctl is-active --quiet mushcam"
 		if [[ $DRY_RUN == 0 ]] && ! visudo -cf "$SUDOERS" >/dev/null; then
 			rm -f -- "$SUDOERS"
 			die "the sudoers rule for $DEPLOY_USER did not validate; removed it"

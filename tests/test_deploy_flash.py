@@ -101,8 +101,9 @@ def test_good_push_switches_and_daemon_serves_it(sshd, bundles, make_devices):
 
 
 def test_first_push_to_an_empty_device_as_user_at_host_port_with_scp(sshd, bundles, tmp_path):
-    """A fresh device (no current yet), addressed as user@host:port, copying with scp."""
+    """A fresh device (no current yet, service not running), addressed as user@host:port, via scp."""
     dev = Device(tmp_path / "fresh", "fresh")
+    (dev.root / "stopped").touch()
     result = subprocess.run(
         ["bash", str(FLASH), *sshd.ssh_args(), "--transfer", "scp", "--timeout", "5", *dev.options(), str(bundles["B"]), sshd.target],
         capture_output=True, text=True, timeout=60,
@@ -113,6 +114,7 @@ def test_first_push_to_an_empty_device_as_user_at_host_port_with_scp(sshd, bundl
     assert dev.current() == release_name(bundles["B"])
     assert dev.status()["model_version"] == "2.0.0"
     assert "(was nothing)" in result.stdout
+    assert "start mushcam" in (dev.root / "systemctl.log").read_text()  # started, not reloaded
 
 
 def test_sha_mismatch_is_refused_and_current_untouched(sshd, bundles, make_devices):
@@ -252,18 +254,22 @@ def test_signatures_required(sshd, bundles, make_devices, tmp_path):
 
 
 def test_rollback_goes_back_one_release_at_a_time(sshd, bundles, make_devices):
-    (dev,), inventory = make_devices(1)
+    (dev, other), inventory = make_devices(2)
     old = dev.seed(bundles["A"])
+    other.seed(bundles["A"])
     new = release_name(bundles["B"])
     assert flash(sshd, str(bundles["B"]), "--inventory", str(inventory)).returncode == 0
-    assert dev.current() == new
+    assert dev.current() == other.current() == new
 
-    result = flash(sshd, "--rollback", dev.alias, *dev.options())
+    # Only the host named with --rollback; its settings come from the inventory.
+    result = flash(sshd, "--rollback", "dev1", "--inventory", str(inventory))
     assert result.returncode == 0
     assert "rolled back" in summary_row(result, "dev1")
+    assert "dev2" not in result.stdout
     assert dev.current() == old
     assert dev.status()["model_version"] == "1.0.0"
     assert f"{new}.failed" in dev.releases()
+    assert other.current() == new
 
     nothing_left = flash(sshd, "--rollback", dev.alias, *dev.options())
     assert nothing_left.returncode == 1
@@ -313,6 +319,16 @@ def test_usage_errors_exit_2_before_connecting(sshd, bundles, tmp_path):
 
     assert flash(sshd, str(bundles["B"])).returncode == 2
     assert flash(sshd, str(bundles["B"]), "dev1", "--parallel", "0").returncode == 2
+    twice = flash(sshd, str(bundles["B"]), "dev1", "dev1")
+    assert twice.returncode == 2 and "listed twice" in twice.stderr
+
+
+def test_missing_model_root_is_refused(sshd, bundles, make_devices):
+    (dev,), _ = make_devices(1)
+    result = flash(sshd, str(bundles["B"]), "dev1", *dev.options(), "--model-root", str(dev.root / "typo"))
+    assert result.returncode == 1
+    assert "does not exist on the device" in summary_row(result, "dev1")
+    assert not (dev.root / "typo").exists()
 
 
 def test_unreachable_host_fails_cleanly(sshd, bundles, tmp_path):

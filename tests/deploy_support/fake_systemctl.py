@@ -1,11 +1,12 @@
 """A stand-in `systemctl` for one test device: `reload` plays the mushcam daemon's SIGHUP.
 
-Usage: fake_systemctl.py --device DIR {reload,is-active} [--quiet] SERVICE
+Usage: fake_systemctl.py --device DIR {reload,start,is-active} [--quiet] SERVICE
 
 Like the real daemon (device/daemon.py), `reload` returns at once and the "daemon" writes its status
 file a moment later: from the `current` bundle's card, or, if DIR/refuse_reload exists, it keeps
 the old model and records `last_reload_error` (as the daemon does when a new bundle fails to load).
-DIR/stopped makes the service inactive. Every call is appended to DIR/systemctl.log.
+DIR/stopped makes the service inactive; `start` activates it and returns once the status is written
+(Type=notify: start waits for READY=1). Every call is appended to DIR/systemctl.log.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def main(argv: list[str]) -> int:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        return 0
+    if args.command == "start":
+        (device / "stopped").unlink(missing_ok=True)
+        write_status(device)
         return 0
     if args.command == "_write-status":
         time.sleep(RELOAD_DELAY_S)
