@@ -30,7 +30,8 @@ HOST is user@host[:port], host, or an ssh_config alias. SSH uses keys only (Batc
 Options:
   --inventory FILE      hosts, one per line: HOST [key=value ...]; '#' starts a comment. Keys override
                         the options below for that host: model_root, status_file, mushcam, systemctl,
-                        service, allowed_signers, rsync_path (quote values with spaces: mushcam="sudo -n mushcam")
+                        service, allowed_signers, config, rsync_path
+                        (quote values with spaces: mushcam="sudo -n mushcam")
   --parallel N          devices flashed at once (default 4)
   --dry-run             print what would be done and change nothing (a flash connects to nothing;
                         a rollback connects to find the release it would go back to)
@@ -46,6 +47,8 @@ Options:
   --timeout SECONDS     how long to wait for the daemon to report the new model (default 30)
   --require-signature   refuse unsigned bundles here, and pass --require-signature to the selftest
   --allowed-signers F   allowed-signers file on the device (default /etc/mushcam/allowed_signers)
+  --device-config FILE  the daemon's config on the device (default /etc/mushcam/config.toml); if it
+                        exists, the selftest applies its require_signature/allowed_signers too
   --transfer METHOD     auto (rsync if both ends have it, else scp), rsync or scp (default auto)
   --rsync-path CMD      rsync command on the device (passed to rsync --rsync-path)
   -i, --identity KEY    SSH private key
@@ -71,6 +74,7 @@ MUSHCAM=mushcam
 SYSTEMCTL=systemctl
 SERVICE=mushcam
 ALLOWED_SIGNERS=/etc/mushcam/allowed_signers
+DEVICE_CONFIG=/etc/mushcam/config.toml
 RSYNC_PATH=
 REQUIRE_SIGNATURE=0
 KEEP=3
@@ -84,7 +88,7 @@ BUNDLE=
 HOST_LINES=()
 # BatchMode: never prompt for a password or a host key in the middle of a fleet push.
 SSH_OPTS=(-o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=15 -o ServerAliveCountMax=4)
-readonly INVENTORY_KEYS="model_root status_file mushcam systemctl service allowed_signers rsync_path"
+readonly INVENTORY_KEYS="model_root status_file mushcam systemctl service allowed_signers config rsync_path"
 
 need_value() {
 	[[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"
@@ -113,6 +117,7 @@ parse_args() {
 		--timeout) need_value "$@"; TIMEOUT=$2; shift ;;
 		--require-signature) REQUIRE_SIGNATURE=1 ;;
 		--allowed-signers) need_value "$@"; ALLOWED_SIGNERS=$2; shift ;;
+		--device-config) need_value "$@"; DEVICE_CONFIG=$2; shift ;;
 		--transfer) need_value "$@"; TRANSFER=$2; shift ;;
 		--rsync-path) need_value "$@"; RSYNC_PATH=$2; shift ;;
 		-i | --identity) need_value "$@"; SSH_OPTS+=(-i "$2"); shift ;;
@@ -376,10 +381,15 @@ r_verify() {
 	return "$bad"
 }
 
+# DIR MUSHCAM CONFIG [ARGS...]: the device's own selftest of the release. With the daemon's config
+# (if present) the selftest enforces the same signature policy the daemon will at reload.
 r_selftest() {
-	local dir=$1 cmd=()
+	local dir=$1 config=$3 cmd=()
 	read -r -a cmd <<<"$2"
-	shift 2
+	shift 3
+	if [[ -n $config && -f $config ]]; then
+		set -- --config "$config" "$@"
+	fi
 	"${cmd[@]}" selftest --model "$dir" "$@" 2>&1
 }
 
@@ -602,6 +612,7 @@ setup_host() {
 		systemctl) SYSTEMCTL=${w#*=} ;;
 		service) SERVICE=${w#*=} ;;
 		allowed_signers) ALLOWED_SIGNERS=${w#*=} ;;
+		config) DEVICE_CONFIG=${w#*=} ;;
 		rsync_path) RSYNC_PATH=${w#*=} ;;
 		esac
 	done
@@ -643,7 +654,7 @@ transfer() { # METHOD
 }
 
 selftest_args() {
-	SELFTEST_ARGS=("$MODEL_ROOT/releases/$RELEASE" "$MUSHCAM")
+	SELFTEST_ARGS=("$MODEL_ROOT/releases/$RELEASE" "$MUSHCAM" "$DEVICE_CONFIG")
 	if [[ $REQUIRE_SIGNATURE == 1 ]]; then
 		SELFTEST_ARGS+=(--require-signature --allowed-signers "$ALLOWED_SIGNERS")
 	fi

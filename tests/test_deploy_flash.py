@@ -253,6 +253,27 @@ def test_signatures_required(sshd, bundles, make_devices, tmp_path):
     assert (dev.models / "current" / "model.json.sig").is_file()
 
 
+def test_device_config_requiring_signatures_refuses_at_selftest(sshd, bundles, make_devices, tmp_path):
+    """No --require-signature here: the device's own config.toml says so, and the selftest obeys it."""
+    (dev,), inventory = make_devices(1)
+    old = dev.seed(bundles["A"])
+    trusted = make_ssh_key(tmp_path / "trusted", "release@lab")
+    dev.allowed_signers.write_text(allowed_signers_line(trusted, "release@lab"))
+    dev.config.write_text(f'require_signature = true\nallowed_signers = "{dev.allowed_signers}"\n')
+    reloads = dev.reloads()
+    result = flash(sshd, str(bundles["B"]), "--inventory", str(inventory))
+    assert result.returncode == 1
+    row = summary_row(result, "dev1")
+    assert "selftest:" in row and "unsigned" in row
+    assert dev.current() == old
+    assert dev.reloads() == reloads  # refused before the switch
+
+    signed = derive_bundle(bundles["B"], tmp_path / "signed", version="2.3.0")
+    sign_bundle(signed, trusted)
+    assert flash(sshd, str(signed), "--inventory", str(inventory)).returncode == 0
+    assert dev.current() == release_name(signed)
+
+
 def test_rollback_goes_back_one_release_at_a_time(sshd, bundles, make_devices):
     (dev, other), inventory = make_devices(2)
     old = dev.seed(bundles["A"])

@@ -42,6 +42,7 @@ class Device:
         self.models = self.root / "models"
         self.status_file = fake_systemctl.status_path(self.root)
         self.allowed_signers = self.root / "allowed_signers"
+        self.config = self.root / "config.toml"  # absent unless a test writes it
         bin_dir = self.root / "bin"
         bin_dir.mkdir(parents=True)
         self.models.mkdir()
@@ -63,6 +64,7 @@ class Device:
             "systemctl": str(self.systemctl),
             "mushcam": str(self.mushcam),
             "allowed_signers": str(self.allowed_signers),
+            "config": str(self.config),
             **extra,
         }
         return " ".join([self.alias, *(f'{k}="{v}"' for k, v in settings.items())])
@@ -72,7 +74,7 @@ class Device:
         return [
             "--model-root", str(self.models), "--status-file", str(self.status_file),
             "--systemctl", str(self.systemctl), "--mushcam", str(self.mushcam),
-            "--allowed-signers", str(self.allowed_signers),
+            "--allowed-signers", str(self.allowed_signers), "--device-config", str(self.config),
         ]
 
     def seed(self, bundle: Path, current: bool = True, mtime: float | None = None) -> str:
