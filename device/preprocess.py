@@ -132,7 +132,8 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16-bit or 32-bit greyscale: Pillow's convert("RGB") would clip everything above 255 to white.
         a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if a.max(initial=0) > 255 else 255.0
+        # I;16 is always out of 65535 (a dark 16-bit photo must stay dark); for 32-bit I/F, guess the range.
+        top = 65535.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
         a = np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8)
         return np.ascontiguousarray(np.repeat(a[:, :, None], 3, axis=2))
     if mode == "P":
