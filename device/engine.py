@@ -196,16 +196,19 @@ def load_edgetpu_delegate():
     """Load libedgetpu's delegate; a missing library or device becomes one InferenceError line."""
     rt = _runtime()
     # LiteRT's Delegate.__del__ complains on stderr when loading failed; that noise is not the user's problem.
+    # The half-built Delegate lives in the original exception's traceback, so that exception must be freed
+    # (not kept as our error's __context__) before the quiet hook is put back.
     hook, sys.unraisablehook = sys.unraisablehook, lambda *_: None
     try:
         return rt.load_delegate(EDGETPU_LIBRARY)
     except (OSError, ValueError) as e:
-        raise InferenceError(
-            f"no Edge TPU detected ({EDGETPU_LIBRARY}: {e}); plug in the Coral and install libedgetpu1-std, or use engine cpu"
-        ) from None
+        reason = str(e)
     finally:
         gc.collect()
         sys.unraisablehook = hook
+    raise InferenceError(
+        f"no Edge TPU detected ({EDGETPU_LIBRARY}: {reason}); plug in the Coral and install libedgetpu1-std, or use engine cpu"
+    )
 
 
 ENGINES: dict[str, type[Engine]] = {"cpu": CpuEngine, "edgetpu": EdgeTpuEngine}
