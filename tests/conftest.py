@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +95,24 @@ def make_image(tmp_path, rgb_array):
         return path
 
     return make
+
+
+@pytest.fixture
+def write_png16_rgb():
+    """write_png16_rgb(path, array): save an H x W x 3 uint16 array as a 16-bit RGB PNG (Pillow cannot write one)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    def write(path: Path, a: np.ndarray) -> Path:
+        h, w, _ = a.shape
+        raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))  # filter type 0 on every row
+        ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # bit depth 16, colour type 2 (RGB)
+        signature = b"\x89PNG\r\n\x1a\n"
+        Path(path).write_bytes(signature + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+        return Path(path)
+
+    return write
 
 
 @pytest.fixture

@@ -93,7 +93,7 @@ def test_classify_folders_recursively(tiny_bundle, make_image, tmp_path):
     ]
 
 
-def test_odd_but_valid_images_all_classify(tiny_bundle, make_image, tmp_path, tree_state):
+def test_odd_but_valid_images_all_classify(tiny_bundle, make_image, tmp_path, tree_state, write_png16_rgb):
     d = tmp_path / "odd"
     make_image("odd/cmyk.jpg", "red", mode="CMYK")
     make_image("odd/grey.jpg", "red", mode="L")
@@ -101,8 +101,14 @@ def test_odd_but_valid_images_all_classify(tiny_bundle, make_image, tmp_path, tr
     a16 = np.zeros((48, 64), np.uint16)
     a16[:] = 40000
     Image.fromarray(a16).save(d / "grey16.png")
+    rgb16 = np.zeros((48, 64, 3), np.uint16)
+    rgb16[:] = (30 * 257, 50 * 257, 200 * 257)  # the blue caps' colour, in 16 bits
+    write_png16_rgb(d / "blue16.png", rgb16)
     rgba = np.zeros((48, 64, 4), np.uint8)
     Image.fromarray(rgba, "RGBA").save(d / "transparent.png")
+    gif = Image.new("P", (64, 48), 0)
+    gif.putpalette([40, 190, 50] + [0] * 765)
+    gif.save(d / "transparent.gif", transparency=0)  # every pixel transparent: a white picture
     green = Image.open(make_image("green.jpg", "green"))
     exif = green.getexif()
     exif[0x0112] = 6
@@ -114,7 +120,8 @@ def test_odd_but_valid_images_all_classify(tiny_bundle, make_image, tmp_path, tr
     assert got["cmyk.jpg"] == ("red_cap", "EDIBLE")
     assert got["palette.gif"] == ("blue_cap", "POISONOUS")
     assert got["rotated.jpg"] == ("green_cap", "POISONOUS")
-    for name in ("grey.jpg", "grey16.png", "transparent.png"):  # no colour the model knows: UNSURE
+    assert got["blue16.png"] == ("blue_cap", "POISONOUS")
+    for name in ("grey.jpg", "grey16.png", "transparent.png", "transparent.gif"):  # no colour the model knows: UNSURE
         assert got[name][1] == "UNSURE"
     assert tree_state(d) == before
 

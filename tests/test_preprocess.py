@@ -27,19 +27,6 @@ GOOD_INPUT = {"size": [16, 16], "resize": "center_crop", "mean": 127.5, "std": 1
               "scale": 0.0078125, "zero_point": -1, "color": "RGB"}
 
 
-def write_png16_rgb(path: Path, a: np.ndarray) -> Path:
-    """Write an H x W x 3 uint16 array as a 16-bit RGB PNG (Pillow cannot write one, so by hand)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    h, w, _ = a.shape
-    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))  # filter 0 per row
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # bit depth 16, colour type 2 (RGB)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-    return path
-
-
 def assert_one_line_naming(err: Exception, name) -> None:
     msg = str(err)
     assert "\n" not in msg and str(name) in msg, msg
@@ -123,6 +110,20 @@ def test_text_file(tmp_path):
     assert_one_line_naming(e.value, p)
 
 
+def test_decompression_bomb_is_refused_in_one_line(tmp_path):
+    """A PNG header claiming 200000 x 200000 pixels: refused at open, before any memory is spent."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    p = tmp_path / "bomb.png"
+    ihdr = struct.pack(">IIBBBBB", 200_000, 200_000, 8, 2, 0, 0, 0)
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    with pytest.raises(ImageError, match="too many pixels") as e:
+        load_image(p, min_size=32)
+    assert_one_line_naming(e.value, p)
+
+
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(ImageError, match="no such file") as e:
         load_image(tmp_path / "gone.jpg")
@@ -191,7 +192,7 @@ def test_dark_16bit_png_stays_dark(tmp_path):
     assert load_image(p).max() <= 1
 
 
-def test_rgb_16bit_png_is_scaled(tmp_path):
+def test_rgb_16bit_png_is_scaled(tmp_path, write_png16_rgb):
     a16 = np.zeros((6, 10, 3), np.uint16)
     a16[..., 0], a16[..., 1], a16[..., 2] = 40000, 1000, 65535
     p = write_png16_rgb(tmp_path / "rgb16.png", a16)
