@@ -362,3 +362,11 @@ def test_device_sources_never_import_train_or_tensorflow_at_module_level():
             assert name != "train", f"{src} imports train/"
             if name in FORBIDDEN_TOP_LEVEL:
                 assert in_function, f"{src} imports {name} at module level"
+
+
+def test_classify_threads(tiny_bundle):
+    sample = tiny_bundle / "samples" / "red_cap.jpg"
+    assert classify(tiny_bundle, "--threads", "0", sample).exit_code == 0
+    assert classify(tiny_bundle, "--threads", "2", sample).exit_code == 0
+    r = classify(tiny_bundle, "--threads", "-1", sample)
+    assert r.exit_code == 1 and len(r.stderr.splitlines()) == 1 and "bundle" not in r.stderr

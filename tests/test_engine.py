@@ -189,3 +189,14 @@ def test_classifier_reuses_a_given_engine(bundle):
     interp = engine.interpreter
     clf.classify(bundle.samples[0].path)
     assert clf.engine.interpreter is interp  # built once, not per frame
+
+
+def test_threads_zero_means_the_runtime_default(bundle, rgb_array):
+    # config.toml documents `threads = 0` as "the runtime's default": it must not be refused as a broken bundle.
+    engine = load_engine(bundle, "cpu", threads=0)
+    assert Classifier(bundle, engine=engine).classify(rgb_array("red")).verdict == "EDIBLE"
+
+
+def test_negative_threads_is_a_config_error_not_a_bundle_error(bundle):
+    with pytest.raises(ConfigError, match="threads"):
+        load_engine(bundle, "cpu", threads=-2)
