@@ -73,11 +73,17 @@ def _runtime_chatter_to_log():
 
 
 def make_interpreter(model_path: Path, threads: int | None = None, delegates: list | None = None):
-    """Build and allocate an interpreter; a corrupt model becomes a BundleError naming the file."""
+    """Build and allocate an interpreter; a corrupt model becomes a BundleError naming the file.
+
+    `threads` None or 0 means the runtime's default (as config.toml documents `threads = 0`).
+    """
+    if threads is not None and threads < 0:
+        raise ConfigError(f"threads must be >= 0 (0: the runtime's default), got {threads}")
     rt = _runtime()
     try:
         with _runtime_chatter_to_log():
-            interp = rt.Interpreter(model_path=str(model_path), num_threads=threads, experimental_delegates=delegates)
+            # LiteRT refuses num_threads=0 with a ValueError that would read as a broken model.
+            interp = rt.Interpreter(model_path=str(model_path), num_threads=threads or None, experimental_delegates=delegates)
             interp.allocate_tensors()
     except (ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
