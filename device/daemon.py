@@ -80,15 +80,19 @@ class Daemon:
         g = self.cfg.gpio
         factory = None
         if g.pin_factory == "mock" or (g.pin_factory == "auto" and not self.on_pi):
-            self.mock_factory = factory = use_mock_pins()
+            self.mock_factory = factory = use_mock_pins(force=g.pin_factory == "mock")
             log.info("laptop mode: GPIO is gpiozero's MockFactory; LED changes are logged")
         elif g.pin_factory != "auto":
             os.environ["GPIOZERO_PIN_FACTORY"] = g.pin_factory
         self.signals = GpioSignals({"green": g.green, "red": g.red, "amber": g.amber}, pin_factory=factory)
         self.button = Button(g.button, bounce_time=g.bounce_ms / 1000, when_pressed=self.request_press, pin_factory=factory)
         self.display = self._open_display(open_display)
-        self.camera = open_camera(self.cfg.camera, size=self.bundle.input.size)
+        self.camera = open_camera(self.cfg.camera, size=self._camera_size())
         self._write_status("running")
+
+    def _camera_size(self) -> tuple[int, int]:
+        h, w = self.bundle.input.size
+        return (w, h)  # cameras (picamera2, PIL) take (width, height); the card says (height, width)
 
     def _open_display(self, open_display):
         d = self.cfg.display
@@ -252,7 +256,7 @@ class Daemon:
 
         try:
             self.camera.close()
-            self.camera = open_camera(self.cfg.camera, size=self.bundle.input.size)
+            self.camera = open_camera(self.cfg.camera, size=self._camera_size())
         except CameraError as e:
             log.warning("camera still unavailable: %s", e)
 
