@@ -134,12 +134,18 @@ class Daemon:
         result = self.classifier.classify_frames(frames)
         name = self.bundle.display_name(result.label) if result.label else ""
         self.signals.show(result.verdict)
-        self.display.show(Screen(title=name, verdict=result.verdict, confidence=result.confidence,
-                                 detail=result.decision.reason))
+        self._show(Screen(title=name, verdict=result.verdict, confidence=result.confidence, detail=result.decision.reason))
         log.info("verdict %s: %s %.1f%% (%s), %.0f ms", result.verdict, result.label, 100 * result.confidence,
                  result.decision.reason, result.latency_ms)
         self.presses_answered += 1
         return result
+
+    def _show(self, screen) -> None:
+        """The LEDs already carry the verdict: a display fault (a full disk in laptop mode) must not stop it."""
+        try:
+            self.display.show(screen)
+        except MushcamError as e:
+            log.warning("display: %s", e)
 
     def handle_press(self) -> Result | None:
         """One press: busy pattern, capture, classify, signal. A camera failure shows the error pattern."""
@@ -151,7 +157,7 @@ class Daemon:
         except CameraError as e:
             log.error("%s", e)
             self.signals.error()
-            self.display.show(Screen(title="Camera error", verdict="UNSURE", confidence=None, detail=str(e)[:40]))
+            self._show(Screen(title="Camera error", verdict="UNSURE", confidence=None, detail=str(e)[:40]))
             raise
         result = self.answer(frames)
         if self.cfg.captures.enabled:
@@ -249,6 +255,10 @@ class Daemon:
                                   self.cfg.camera_retry_s)
                         return EXIT_CAMERA
                     self._reopen_camera()
+                except MushcamError as e:
+                    # Anything else that fails in one press (e.g. the runtime) costs that press, not the service.
+                    log.error("press failed: %s", e)
+                    self.signals.error()
         return EXIT_OK
 
     def _reopen_camera(self) -> None:
