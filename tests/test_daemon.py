@@ -131,6 +131,8 @@ def test_captures_are_saved_atomically_and_a_full_disk_still_answers(tmp_path, b
     r = Running(make_cfg(tmp_path, bundle, captures=CapturesConfig(enabled=True, dir=str(cap), max_mb=50)))
     with r:
         r.press()
+        # The verdict is signalled before the record is written: wait for the record.
+        assert wait_for(lambda: cap.is_dir() and any(not p.name.startswith(".") for p in cap.iterdir()))
         saved = [p for p in cap.iterdir() if not p.name.startswith(".")]
         assert len(saved) == 1 and saved[0].name.endswith("EDIBLE")
         assert sorted(f.name for f in saved[0].iterdir()) == ["frame_0.jpg", "frame_1.jpg", "result.json"]
@@ -142,6 +144,7 @@ def test_captures_are_saved_atomically_and_a_full_disk_still_answers(tmp_path, b
         monkeypatch.setattr("PIL.Image.Image.save", full)
         r.press()  # still answered
         assert led(GREEN) == 1
+        time.sleep(0.2)  # let the failed save finish its clean-up
         assert len([p for p in cap.iterdir()]) == 1, "a failed capture left something behind"
 
 

@@ -377,3 +377,12 @@ def test_preprocess_shape_and_dtype(make_image):
 def test_bytes_source_error_says_bytes():
     with pytest.raises(ImageError, match="<bytes>"):
         load_image(io.BytesIO(b"nope").getvalue())
+
+
+def test_a_95_megapixel_phone_jpeg_decodes_small_and_quietly(tmp_path, recwarn):
+    """Past Pillow's 89 MP warning line: draft decoding keeps it small and nothing is printed."""
+    p = tmp_path / "phone.jpg"
+    Image.new("RGB", (10000, 9500), (120, 80, 40)).save(p, quality=50)
+    rgb = load_image(p, min_size=448)
+    assert rgb.shape[0] < 9500 // 4 and rgb.shape[1] < 10000 // 4
+    assert not [w for w in recwarn.list if "DecompressionBomb" in type(w.message).__name__]
