@@ -159,6 +159,29 @@ def check_config(
 
 @app.command()
 @one_line_errors
+def bench(
+    model: ModelOption = None,
+    image: Annotated[Optional[Path], typer.Option(help="Photo to time (default: the bundle's first sample).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    threads: Annotated[Optional[list[int]], typer.Option(help="Thread counts to time invoke() with (repeatable).")] = None,
+    runs: Annotated[int, typer.Option(min=5, help="Timed runs per measurement.")] = 200,
+    float_model: Annotated[Optional[Path], typer.Option(help="A float .tflite to compare invoke() with.")] = None,
+) -> None:
+    """Time each stage of a verdict (median and p95), invoke() by thread count, cold start and peak RSS."""
+    from device.bench import format_table, run_bench, to_json
+    from device.bundle import load_bundle
+
+    bundle = load_bundle(_model_dir(model))
+    if image is None:
+        if not bundle.samples:
+            _fail("the bundle has no samples: pass --image PHOTO", 2)
+        image = bundle.samples[0].path
+    res = run_bench(bundle, image, runs, threads, float_model)
+    typer.echo(to_json(res) if as_json else format_table(res))
+
+
+@app.command()
+@one_line_errors
 def run(
     config: Annotated[Optional[Path], typer.Option(help="TOML config (default /etc/mushcam/config.toml if present).")] = None,
     camera: Annotated[
