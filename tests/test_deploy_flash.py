@@ -20,7 +20,7 @@ from tests.deploy_support.bundles import (
     make_ssh_key,
     read_card,
 )
-from tests.deploy_support.devices import FLASH, TINY_BUNDLE, Device, release_name
+from tests.deploy_support.devices import FLASH, Device, release_name
 from tests.deploy_support.sshd import SSHServer, sshd_missing_reason, start_sshd
 from train.sign import sign_bundle
 
@@ -36,17 +36,17 @@ def sshd(tmp_path_factory) -> SSHServer:
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory) -> dict[str, Path]:
+def bundles(tmp_path_factory, tiny_bundle) -> dict[str, Path]:
     """Release A (what devices run), release B (the good new one) and broken variants of B."""
     root = tmp_path_factory.mktemp("bundles")
-    a = derive_bundle(TINY_BUNDLE, root / "A", version="1.0.0")
-    b = derive_bundle(TINY_BUNDLE, root / "B", version="2.0.0")
+    a = derive_bundle(tiny_bundle, root / "A", version="1.0.0")
+    b = derive_bundle(tiny_bundle, root / "B", version="2.0.0")
 
     def mislabel(card):
         card["samples"][0]["label"] = card["samples"][1]["label"]
 
-    bad_selftest = derive_bundle(TINY_BUNDLE, root / "bad-selftest", version="2.0.1", edit=mislabel)
-    corrupt = derive_bundle(TINY_BUNDLE, root / "corrupt", version="2.0.2")
+    bad_selftest = derive_bundle(tiny_bundle, root / "bad-selftest", version="2.0.1", edit=mislabel)
+    corrupt = derive_bundle(tiny_bundle, root / "corrupt", version="2.0.2")
     with open(corrupt / "model.tflite", "ab") as f:
         f.write(b"\0")  # the card's sha256 no longer matches the model
     return {"A": a, "B": b, "bad-selftest": bad_selftest, "corrupt": corrupt}
@@ -303,7 +303,7 @@ def test_keeps_the_last_k_releases_and_never_current(sshd, bundles, make_devices
     now = time.time()
     names = []
     for i in range(3):
-        old = derive_bundle(TINY_BUNDLE, tmp_path / f"old{i}", version=f"0.{i}.0")
+        old = derive_bundle(bundles["A"], tmp_path / f"old{i}", version=f"0.{i}.0")
         names.append(dev.seed(old, current=(i == 0), mtime=now - 1000 + i))
     # A leftover from a cut-off copy of another release is not worth keeping.
     (dev.models / "releases" / "0.9.0-abc.partial").mkdir()
@@ -334,7 +334,7 @@ def test_usage_errors_exit_2_before_connecting(sshd, bundles, tmp_path):
     not_a_bundle = flash(sshd, str(tmp_path), "dev1")
     assert not_a_bundle.returncode == 2 and "model.json not found" in not_a_bundle.stderr
 
-    odd = derive_bundle(TINY_BUNDLE, tmp_path / "odd", version="../../etc")
+    odd = derive_bundle(bundles["A"], tmp_path / "odd", version="../../etc")
     bad_version = flash(sshd, str(odd), "dev1")
     assert bad_version.returncode == 2 and "not a plain name" in bad_version.stderr
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from device.config import load_config
-from tests.deploy_support.devices import REPO, TINY_BUNDLE, release_name
+from tests.deploy_support.devices import REPO, release_name
 
 INSTALL = REPO / "deploy" / "install.sh"
 
@@ -46,9 +46,9 @@ def test_dry_run_prints_the_whole_plan_and_changes_nothing(tmp_path):
     assert not (tmp_path / "pi").exists()
 
 
-def test_real_run_into_a_root_tree_is_idempotent(tmp_path):
+def test_real_run_into_a_root_tree_is_idempotent(tmp_path, tiny_bundle):
     root = tmp_path / "pi"
-    first = install("--root", str(root), "--skip", "venv", "--model", str(TINY_BUNDLE))
+    first = install("--root", str(root), "--skip", "venv", "--model", str(tiny_bundle))
     assert first.returncode == 0
 
     config = root / "etc" / "mushcam" / "config.toml"
@@ -73,14 +73,14 @@ def test_real_run_into_a_root_tree_is_idempotent(tmp_path):
     assert "i2c-dev" in (root / "etc" / "modules-load.d" / "mushcam.conf").read_text().split()
 
     # The first model, laid out as flash.sh would: releases/<version>-<sha12> and a relative link.
-    name = release_name(TINY_BUNDLE)
+    name = release_name(tiny_bundle)
     assert os.readlink(models / "current") == f"releases/{name}"
-    assert (models / "current" / "model.tflite").read_bytes() == (TINY_BUNDLE / "model.tflite").read_bytes()
+    assert (models / "current" / "model.tflite").read_bytes() == (tiny_bundle / "model.tflite").read_bytes()
 
     # Second run: the edited config and the deployed model survive; nothing is rewritten.
     config.write_text(config.read_text().replace("frames_per_press = 3", "frames_per_press = 5"))
     other = tmp_path / "other-model"
-    shutil.copytree(TINY_BUNDLE, other)
+    shutil.copytree(tiny_bundle, other)
     second = install("--root", str(root), "--skip", "venv", "--model", str(other))
     assert second.returncode == 0
     assert "frames_per_press = 5" in config.read_text()

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from device.errors import BundleError, SignatureError
 from device.signing import verify_bundle
-from tests.deploy_support.bundles import allowed_signers_line, make_plain_bundle, make_ssh_key
+from tests.deploy_support.bundles import allowed_signers_line, make_ssh_key
 from train.sign import sign, sign_bundle
 
 
@@ -27,8 +27,9 @@ def keys(tmp_path):
 
 
 @pytest.fixture
-def bundle(tmp_path):
-    return make_plain_bundle(tmp_path / "bundle")
+def bundle(bundle_copy):
+    """A real tiny bundle (conftest's copy) that the test may sign and damage."""
+    return bundle_copy
 
 
 def test_signed_bundle_verifies_and_names_its_signer(bundle, keys):

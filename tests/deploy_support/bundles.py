@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any, Callable
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_card(bundle: Path, card: dict[str, Any]) -> None:
@@ -23,35 +17,6 @@ def write_card(bundle: Path, card: dict[str, Any]) -> None:
 def read_card(bundle: Path) -> dict[str, Any]:
     """The bundle's model.json as a dict."""
     return json.loads((Path(bundle) / "model.json").read_text(encoding="utf-8"))
-
-
-def make_plain_bundle(dest: Path, version: str = "2026.01.01-1", model_bytes: int = 64 * 1024) -> Path:
-    """A structurally valid bundle directory with an opaque model.tflite (for signing tests).
-
-    Enough for code that only reads the card and the file hashes; not loadable by the interpreter.
-    """
-    dest = Path(dest)
-    dest.mkdir(parents=True)
-    # Deterministic per version so two versions differ and their sha12 differ too.
-    seed = hashlib.sha256(version.encode()).digest()
-    blob = (seed * (model_bytes // len(seed) + 1))[:model_bytes]
-    (dest / "model.tflite").write_bytes(blob)
-    write_card(
-        dest,
-        {
-            "format": "mushcam-bundle/1",
-            "name": "test-bundle",
-            "version": version,
-            "labels": ["a", "b"],
-            "classes": {
-                "a": {"edibility": "edible", "display_name": "A"},
-                "b": {"edibility": "poisonous", "display_name": "B"},
-            },
-            "files": {"model.tflite": sha256_file(dest / "model.tflite")},
-            "samples": [],
-        },
-    )
-    return dest
 
 
 def derive_bundle(

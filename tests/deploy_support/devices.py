@@ -18,7 +18,6 @@ from tests.deploy_support.bundles import read_card
 
 REPO = Path(__file__).resolve().parents[2]
 FLASH = REPO / "deploy" / "flash.sh"
-TINY_BUNDLE = REPO / "tests" / "data" / "tiny_bundle"
 
 
 def release_name(bundle: Path) -> str:
