@@ -700,7 +700,7 @@ undo() { # PREVIOUS SWITCHED(0/1) WHAT
 }
 
 flash_host() {
-	local prep previous exists method rc=0 out
+	local prep previous exists method rc=0 out line
 	setup_host "$1"
 	record FAILED "$RELEASE" "stopped unexpectedly"
 	if [[ $DRY_RUN == 1 ]]; then
@@ -712,6 +712,7 @@ flash_host() {
 	say "connecting"
 	if ! step prepare "$MODEL_ROOT" "$RELEASE"; then
 		record FAILED "$RELEASE" "connect/prepare: $(last_line "$REPLY_OUT")"
+		close_connection
 		return 0
 	fi
 	prep=$REPLY_OUT
