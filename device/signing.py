@@ -22,12 +22,12 @@ ssh-keygen (not a Python crypto library) because the Pi already has it, and so d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
 from pathlib import Path
 
+from device.bundle import sha256_file
 from device.errors import SignatureError
 
 NAMESPACE = "mushcam-bundle"
@@ -43,14 +43,6 @@ def _ssh_keygen() -> str:
             "cannot check the bundle's signature: ssh-keygen not found; install openssh-client"
         )
     return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_files(bundle_dir: Path, card_bytes: bytes) -> None:
@@ -69,7 +61,7 @@ def _check_files(bundle_dir: Path, card_bytes: bytes) -> None:
         path = bundle_dir / name
         if not path.is_file():
             raise SignatureError(f"{path}: listed in the signed card but missing; copy the whole bundle again")
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise SignatureError(
                 f"{path}: tampered or corrupt, its sha256 differs from the signed card; "
                 "copy the bundle again from a trusted source"

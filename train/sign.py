@@ -8,7 +8,6 @@ signature with `device.signing.verify_bundle` against their allowed-signers file
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,15 +19,8 @@ from typing import Annotated
 import typer
 
 from device.errors import BundleError, MushcamError, SignatureError
+from device.bundle import sha256_file
 from device.signing import CARD, NAMESPACE, SIGNATURE
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_card(bundle: Path) -> None:
@@ -44,7 +36,7 @@ def _check_card(bundle: Path) -> None:
         raise BundleError(f"{card}: 'files' has no model.tflite entry; re-export the bundle")
     for name, expected in items:
         path = bundle / name
-        if not path.is_file() or _sha256(path) != expected:
+        if not path.is_file() or sha256_file(path) != expected:
             raise BundleError(
                 f"{path}: missing or its sha256 differs from the card; refusing to sign, re-export the bundle"
             )
