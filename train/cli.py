@@ -1,0 +1,101 @@
+"""`mushcam-train`: photos -> int8 TFLite model bundle, in five steps.
+
+    mushcam-train prepare DATA_DIR --out WORK     scan, de-duplicate, split by duplicate group
+    mushcam-train fit WORK --weights ...          transfer learning (Keras 3)
+    mushcam-train export WORK --out BUNDLE        int8 TFLite + card, gated on accuracy loss
+    mushcam-train evaluate BUNDLE DATA_DIR|WORK   the bundle through the device's own code path
+    mushcam-train edgetpu BUNDLE                  optional: compile for a Coral Edge TPU
+
+TensorFlow is imported only by the commands that need it, so --help and prepare start quickly.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+
+from device.errors import MushcamError
+from train import console
+
+app = typer.Typer(
+    name="mushcam-train",
+    help=__doc__.split("\n\n")[0],
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    """Turn our errors into one `error: ...` line on stderr and exit code 1 (usage errors stay 2)."""
+    try:
+        yield
+    except MushcamError as e:
+        sys.stderr.write(f"error: {e}\n")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def prepare(
+    data_dir: Annotated[Path, typer.Argument(help="Folder-per-class photos with edibility.csv beside the class folders.",
+                                             exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="WORK dir: the manifest and all later outputs go here.")],
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    val: Annotated[float, typer.Option(help="Fraction of each class for validation.")] = 0.15,
+    test: Annotated[float, typer.Option(help="Fraction of each class for the test split.")] = 0.15,
+) -> None:
+    """Scan DATA_DIR: decode every image, group duplicates, split train/val/test by group, write WORK/manifest.json."""
+    from train import dataset, report
+
+    with _reported():
+        manifest = dataset.prepare(data_dir, out, seed=seed, val=val, test=test, track=console.track)
+        report.print_prepare(manifest, out)
+
+
+@app.command()
+def fit(
+    work: Annotated[Path, typer.Argument(help="WORK dir written by prepare.", exists=True, file_okay=False)],
+    weights: Annotated[str, typer.Option(help="Backbone init: imagenet (download), PATH to a .weights.h5, or none.")],
+    backbone: Annotated[str, typer.Option(help="mobilenet_v2, mobilenet_v3_small or mobilenet_v3_large.")] = "mobilenet_v2",
+    alpha: Annotated[float, typer.Option(help="Backbone width multiplier.")] = 1.0,
+    size: Annotated[Optional[int], typer.Option(help="Square input size in pixels (default: the backbone's, 224).")] = None,
+    epochs: Annotated[int, typer.Option(help="Max epochs of stage 1 (head on cached features).")] = 30,
+    fine_tune_epochs: Annotated[int, typer.Option(help="Max epochs of stage 2 (fine-tune the top of the backbone; 0 skips).")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = 32,
+    feature_copies: Annotated[int, typer.Option(help="Stage 1: cached feature copies per image (1 clean + n-1 augmented).")] = 4,
+    seed: Annotated[int, typer.Option(help="Random seed (Python, NumPy, Keras).")] = 0,
+) -> None:
+    """Train a classifier on WORK's manifest; writes WORK/model.keras (best on val), fit.json and curves.png."""
+    from train.hparams import HParams
+
+    with _reported():
+        from train.fit import fit as run_fit
+
+        hp = HParams(
+            backbone=backbone, alpha=alpha, size=size, weights=weights, epochs=epochs,
+            fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, feature_copies=feature_copies, seed=seed,
+        )
+        result = run_fit(work, hp)
+        console.out.print(
+            f"best: {result.best_stage} epoch {result.best_epoch}, val loss {result.val_loss:.4f}, "
+            f"val top-1 {result.val_accuracy:.3f} -> {result.model_path} ({result.seconds:.0f} s)"
+        )
+        console.out.print(f"curves: {result.curves_path}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
