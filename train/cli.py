@@ -92,6 +92,39 @@ def fit(
         console.out.print(f"curves: {result.curves_path}")
 
 
+@app.command()
+def export(
+    work: Annotated[Path, typer.Argument(help="WORK dir with a trained model (fit).", exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="BUNDLE dir to write (replaced only when the new one is complete).")],
+    calibration: Annotated[int, typer.Option(help="Training images used to calibrate the int8 quantization.")] = 400,
+    max_drop: Annotated[float, typer.Option(help="Refuse if int8 val top-1 is more than this many points below float.")] = 1.0,
+    force: Annotated[bool, typer.Option("--force", help="Write the bundle even if a gate refuses it (says so).")] = False,
+    name: Annotated[Optional[str], typer.Option(help="Bundle name in the card (default mushcam-<backbone>-<n>sp).")] = None,
+    version: Annotated[Optional[str], typer.Option(help="Bundle version in the card (default: UTC date and time).")] = None,
+    samples: Annotated[int, typer.Option(help="Sample photos per class for `mushcam selftest`.")] = 3,
+    max_poison_edible: Annotated[float, typer.Option(help="Calibration target: fraction of poisonous val photos answered EDIBLE.")] = 0.005,
+    min_edible_confidence: Annotated[float, typer.Option(help="Floor of the calibrated edible_min_confidence.")] = 0.9,
+) -> None:
+    """Quantize WORK/model.keras to an int8 bundle, gate it on val accuracy, calibrate thresholds, write BUNDLE."""
+    from train.export import ExportOptions, export as run_export
+
+    with _reported():
+        result = run_export(work, ExportOptions(
+            out=out, calibration=calibration, max_drop=max_drop, force=force, name=name, version=version,
+            samples=samples, max_poison_edible=max_poison_edible, min_edible_confidence=min_edible_confidence,
+        ))
+        th, v = result.thresholds, result.val
+        console.out.print(
+            f"val top-1: float {result.float_top1:.4f}, int8 {result.int8_top1:.4f}; "
+            f"edible_min_confidence {th['edible_min_confidence']:.4f}, ood_max_score {th.get('ood_max_score') or 0:.3f}"
+        )
+        console.out.print(
+            f"val safety: poisonous answered EDIBLE {v['poisonous_as_edible']:.2%}, edible coverage "
+            f"{v['edible_coverage']:.2%}, UNSURE {v['unsure_rate']:.2%}, cost {v['cost']:.3f}"
+        )
+        console.out.print(f"bundle: {result.path} ({result.seconds:.0f} s)")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
