@@ -11,6 +11,7 @@ TensorFlow is imported only by the commands that need it, so --help and prepare 
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,6 +124,52 @@ def export(
             f"{v['edible_coverage']:.2%}, UNSURE {v['unsure_rate']:.2%}, cost {v['cost']:.3f}"
         )
         console.out.print(f"bundle: {result.path} ({result.seconds:.0f} s)")
+
+
+@app.command()
+def evaluate(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle directory (export).", exists=True, file_okay=False)],
+    source: Annotated[Path, typer.Argument(help="A WORK dir (uses --split) or a folder-per-class DATA_DIR (every image).",
+                                           exists=True, file_okay=False)],
+    split: Annotated[str, typer.Option(help="Split of a WORK dir's manifest: train, val or test.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (and nothing else) on stdout.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Write report.md and plots into this folder.")] = None,
+) -> None:
+    """Run BUNDLE through the device's classifier on photos: top-1, per class, and the safety table."""
+    import json
+
+    from train import evaluate as ev
+
+    with _reported():
+        if split not in ("train", "val", "test"):
+            raise typer.BadParameter(f"{split!r} is not one of train, val, test", param_hint="--split")
+        result = ev.evaluate(bundle, source, split, threads=os.cpu_count())
+        if report is not None:
+            path = ev.write_report(result, report)
+            console.note(f"report: {path}")
+        if as_json:
+            sys.stdout.write(json.dumps(ev.public(result), indent=2) + "\n")
+        else:
+            ev.print_result(result)
+
+
+@app.command()
+def edgetpu(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle directory (export).", exists=True, file_okay=False)],
+) -> None:
+    """Compile BUNDLE's model for a Coral Edge TPU (edgetpu_compiler) and add it to the bundle and card."""
+    from train.edgetpu import compile_bundle
+
+    with _reported():
+        rep = compile_bundle(bundle)
+        console.out.print(f"compiled with edgetpu_compiler {rep.version or '(unknown version)'}: "
+                          f"{rep.ops_on_tpu if rep.ops_on_tpu is not None else '?'} operations on the Edge TPU, "
+                          f"{rep.ops_on_cpu if rep.ops_on_cpu is not None else '?'} on the CPU")
+        for op in rep.cpu_ops:
+            console.out.print(f"  on CPU: {op['op']} x{op['count']}: {op['reason']}", markup=False)
+        if (Path(bundle) / "model.json.sig").exists():
+            console.warn("model.json changed, so model.json.sig no longer matches: sign the bundle again")
+        console.out.print(f"added {Path(bundle) / 'model_edgetpu.tflite'}")
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ from device.errors import BundleError, DataError, ExportGateError
 from train import console
 from train.dataset import ImageRecord, Manifest, load_rgb_arrays, sha256_of
 from train.fit import MODEL_FILE, load_fit_info, training_input_spec
+from train.metrics import poisonous_mask, safety_figures
 from train.model_spec import get_spec
 
 OOD_PERCENTILE = 95.0
@@ -152,36 +153,6 @@ def device_scores(classifier, recorder: _Recorder, paths: list[Path], descriptio
     emb = None if any(e is None for e in embs) else np.stack(embs)
     ood_arr = None if any(o is None for o in oods) else np.asarray(oods, dtype=np.float64)
     return np.stack(probs), emb, ood_arr
-
-
-def safety_figures(verdicts: list[str], y: np.ndarray, poisonous_label: np.ndarray) -> dict:
-    """The safety table for verdicts against true label indices y (definitions in train/evaluate.py).
-
-    `poisonous_label[i]` is True when label i is poisonous.
-    """
-    poisonous = np.asarray(poisonous_label, dtype=bool)[np.asarray(y, dtype=int)]
-    edible_answer = np.array([v == "EDIBLE" for v in verdicts], dtype=bool)
-    unsure = np.array([v == "UNSURE" for v in verdicts], dtype=bool)
-    n = len(verdicts)
-    n_p, n_e = int(poisonous.sum()), int((~poisonous).sum())
-    p_as_e = int((edible_answer & poisonous).sum())
-    e_ok = int((edible_answer & ~poisonous).sum())
-    return {
-        "n": n,
-        "poisonous": n_p,
-        "edible": n_e,
-        "poisonous_as_edible": p_as_e / n_p if n_p else 0.0,
-        "poisonous_as_edible_count": p_as_e,
-        "edible_coverage": e_ok / n_e if n_e else 0.0,
-        "unsure_rate": float(unsure.mean()) if n else 0.0,
-        # FungiCLEF-style: a poisonous photo answered EDIBLE costs 100, an edible one not answered EDIBLE 1.
-        "cost": (100.0 * p_as_e + 1.0 * (n_e - e_ok)) / n if n else 0.0,
-    }
-
-
-def poisonous_mask(labels: list[str], classes: dict) -> np.ndarray:
-    """True for each label whose class is poisonous (classes: label -> {"edibility": ...})."""
-    return np.array([classes[lab]["edibility"] == "poisonous" for lab in labels], dtype=bool)
 
 
 def verdicts_for(probs: np.ndarray, oods: np.ndarray | None, labels, bundle_classes, thresholds) -> list[str]:
