@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -95,7 +96,9 @@ def convert_int8(model, representative: list[np.ndarray]) -> bytes:
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.int8
     converter.inference_output_type = tf.int8
-    with held_stderr(stdout=True):
+    with held_stderr(stdout=True), warnings.catch_warnings():
+        # "Statistics for quantized inputs were expected": the int8 input's range comes from calibration.
+        warnings.simplefilter("ignore", UserWarning)
         return converter.convert()
 
 
@@ -196,7 +199,7 @@ def write_samples(stage: Path, manifest: Manifest, classifier, k: int, seed: int
     folder = stage / "samples"
     folder.mkdir()
     entries: list[dict] = []
-    warnings: list[str] = []
+    notes: list[str] = []
     rng = np.random.default_rng(seed)
     for label in manifest.labels:
         recs = [r for r in manifest.records(split) if r.label == label]
@@ -215,8 +218,8 @@ def write_samples(stage: Path, manifest: Manifest, classifier, k: int, seed: int
             entries.append({"file": name, "label": label, "source": f"{split}: {r.path}"})
             got += 1
         if got < k:
-            warnings.append(f"only {got} of {k} {split} samples of {label} classify correctly; samples/ has {got}")
-    return entries, warnings
+            notes.append(f"only {got} of {k} {split} samples of {label} classify correctly; samples/ has {got}")
+    return entries, notes
 
 
 def _check_out(out: Path) -> None:
@@ -338,7 +341,7 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
         int8_top1 = float(np.mean(np.argmax(probs_val, axis=1) == y_val))
         drop = (float_top1 - int8_top1) * 100.0
         console.note(f"val top-1: float {float_top1:.4f}, int8 {int8_top1:.4f} (drop {drop:+.2f} points, limit {opts.max_drop})")
-        warnings: list[str] = []
+        notes: list[str] = []
         if drop > opts.max_drop:
             message = (
                 f"int8 model loses {drop:.2f} top-1 points on val (float {float_top1:.2%}, int8 {int8_top1:.2%}; "
@@ -347,7 +350,7 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
             )
             if not opts.force:
                 raise ExportGateError(message)
-            warnings.append("forced: " + message)
+            notes.append("forced: " + message)
 
         # Unknown-species score: fitted on int8 train embeddings, threshold from val.
         ood_section = None
@@ -378,7 +381,7 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
             )
             if not opts.force:
                 raise ExportGateError(message)
-            warnings.append("forced: " + message)
+            notes.append("forced: " + message)
             edible = 1.0
         thresholds["edible_min_confidence"] = float(edible)
         final_th = Thresholds(**thresholds)
@@ -426,8 +429,8 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
         write_card(stage, card)
         bundle = load_bundle(stage)
         checker = Classifier(bundle, backend="cpu", threads=opts.threads)
-        samples, sample_warnings = write_samples(stage, manifest, checker, opts.samples, seed)
-        warnings += sample_warnings
+        samples, sample_notes = write_samples(stage, manifest, checker, opts.samples, seed)
+        notes += sample_notes
         card["samples"] = samples
         write_card(stage, card)
         load_bundle(stage)  # the complete bundle validates before it replaces anything
@@ -437,6 +440,6 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     final = load_bundle(out)
-    for w in warnings:
+    for w in notes:
         console.warn(w)
-    return ExportResult(final.path, float_top1, int8_top1, thresholds, val_safety, time.perf_counter() - t0, warnings)
+    return ExportResult(final.path, float_top1, int8_top1, thresholds, val_safety, time.perf_counter() - t0, notes)

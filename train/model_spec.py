@@ -49,8 +49,9 @@ class ModelSpec:
             except ValueError as e:  # e.g. an alpha with no published weights
                 raise ConfigError(f"{self.name}: {_first_line(e)}") from None
             except Exception as e:  # keras raises a bare Exception when the download fails
+                # The download error quotes the whole URL; the user needs the fix, not the URL.
                 raise ConfigError(
-                    f"no network: cannot download ImageNet weights for {self.name} ({_first_line(e)}); "
+                    f"no network: cannot download ImageNet weights for {self.name} ({type(e).__name__}); "
                     "pass --weights PATH (a local .weights.h5) or --weights none"
                 ) from None
         base = ctor(weights=None, **kwargs)
