@@ -1,0 +1,42 @@
+# mushcam: `make demo` and `make test` work on a fresh clone (they make .venv here and install into it).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MODEL  ?= models/mushcam-mnv2-7sp
+SHARED ?= ../shared
+WORK   ?= work/shared-pool
+
+.PHONY: help demo test model check-shared clean
+
+help:
+	@echo "make demo   classify the shipped sample photos with the shipped model (laptop mode, no hardware)"
+	@echo "make test   run the test suite (installs the training extra: TensorFlow, about 600 MB)"
+	@echo "make model  retrain the shipped model from $(SHARED)/data/mushrooms (about 20 min on 2 cores)"
+
+# The device install: no TensorFlow, what a Pi gets.
+$(VENV)/.device: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+# Tests and training need the workstation extras (TensorFlow, OpenCV, pytest).
+$(VENV)/.test: pyproject.toml $(VENV)/.device
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.device
+	$(BIN)/mushcam run --once --camera fake:$(MODEL)/samples --model $(MODEL) --display-dir out/display
+	@echo "display frames: out/display/*.png"
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q
+
+check-shared:
+	@test -d $(SHARED)/data/mushrooms || { echo "error: $(SHARED)/data/mushrooms not found; set SHARED=/path/to/shared"; exit 1; }
+
+model: $(VENV)/.test check-shared
+	bash train/make_model.sh $(SHARED) $(WORK) $(MODEL)
+
+clean:
+	rm -rf out work .pytest_cache

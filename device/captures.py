@@ -1,0 +1,56 @@
+"""Optional record of each press: its frames and its result, written atomically, within a disk budget."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger("mushcam.captures")
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def save_press(root: Path, frames: list[np.ndarray], result: dict, max_mb: float) -> Path | None:
+    """Write `<root>/<time>-<verdict>/` (frame_N.jpg + result.json); return it, or None if the disk said no.
+
+    The press is written into a hidden temp folder and renamed into place, so a crash or SIGTERM never
+    leaves a half-written capture. Oldest captures are removed until the folder fits in `max_mb`.
+    A full disk costs the record, never the verdict: errors are logged and swallowed.
+    """
+    root = Path(root)
+    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000_000:09d}"
+    final = root / f"{stamp}-{result.get('verdict', 'UNKNOWN')}"
+    tmp = root / f".tmp-{stamp}"
+    try:
+        tmp.mkdir(parents=True)
+        for i, frame in enumerate(frames):
+            Image.fromarray(frame).save(tmp / f"frame_{i}.jpg", quality=90)
+        (tmp / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        tmp.rename(final)
+    except OSError as e:
+        log.warning("capture not saved (%s); the verdict was still given", e)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    prune(root, max_mb)
+    return final
+
+
+def prune(root: Path, max_mb: float) -> None:
+    """Delete the oldest captures until the folder holds at most max_mb."""
+    budget = max_mb * 1024 * 1024
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    sizes = {p: _size(p) for p in dirs}
+    total = sum(sizes.values())
+    for p in dirs[:-1]:  # always keep the newest
+        if total <= budget:
+            break
+        shutil.rmtree(p, ignore_errors=True)
+        total -= sizes[p]

@@ -1,0 +1,317 @@
+"""The camera daemon: button press -> N frames -> verdict on LEDs and display. `main()` returns an exit code.
+
+One thread does the work: the button's callback and the signal handlers only set flags and wake it, so
+presses that arrive while it is busy are coalesced into one (a bounded queue of one), SIGTERM is handled
+between steps, and the watchdog is pinged only while the loop really runs (a hung capture stops the
+pings, and systemd restarts the service).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from device.bundle import Bundle, load_bundle, write_json_atomic
+from device.classifier import Classifier, Result
+from device.config import Config, load_config, with_overrides
+from device.errors import CameraError, ConfigError, MushcamError
+from device.sdnotify import Notifier
+
+log = logging.getLogger("mushcam.daemon")
+
+EXIT_OK, EXIT_ERROR, EXIT_CAMERA = 0, 1, 3
+
+
+def is_raspberry_pi() -> bool:
+    """True on a Raspberry Pi (the device tree names the board); decides the laptop-mode defaults."""
+    try:
+        return "raspberry pi" in Path("/proc/device-tree/model").read_text(errors="ignore").lower()
+    except OSError:
+        return False
+
+
+class Daemon:
+    """Owns the model, camera, LEDs, button, display and notifier for one run."""
+
+    def __init__(self, cfg: Config, *, once: bool = False, display_dir: Path | None = None, notifier: Notifier | None = None):
+        self.cfg = cfg
+        self.once = once
+        self.display_dir = display_dir
+        self.notifier = notifier or Notifier()
+        self.on_pi = is_raspberry_pi()
+        self.bundle: Bundle | None = None
+        self.classifier: Classifier | None = None
+        self.camera = self.signals = self.button = self.display = None
+        self.mock_factory = None
+        self._wake = threading.Event()
+        self._press = threading.Event()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self.last_reload_error: str | None = None
+        self.presses_answered = 0
+
+    # --- set-up -------------------------------------------------------------------------------
+    def load_model(self) -> tuple[Bundle, Classifier]:
+        """Validate the configured bundle, self-test it, and build its classifier (does not swap it in)."""
+        from device.selftest import require_samples_pass
+
+        # Resolve the `current` symlink now: the model in memory stays tied to one release directory.
+        path = self.cfg.resolved_model_dir().resolve()
+        bundle = load_bundle(path, require_signature=self.cfg.require_signature, allowed_signers=self.cfg.allowed_signers)
+        clf = Classifier(bundle, backend=self.cfg.engine, threads=self.cfg.threads or None)
+        if self.cfg.selftest_at_start:
+            require_samples_pass(bundle, clf)
+        return bundle, clf
+
+    def start(self) -> None:
+        from device.camera import open_camera
+        from device.display import open_display
+        from device.signals import Button, GpioSignals, use_mock_pins
+
+        self.bundle, self.classifier = self.load_model()
+        log.info("model %s %s loaded from %s (engine %s)", self.bundle.name, self.bundle.version, self.bundle.path,
+                 self.classifier.engine.name)
+        g = self.cfg.gpio
+        factory = None
+        if g.pin_factory == "mock" or (g.pin_factory == "auto" and not self.on_pi):
+            self.mock_factory = factory = use_mock_pins(force=g.pin_factory == "mock")
+            log.info("laptop mode: GPIO is gpiozero's MockFactory; LED changes are logged")
+        elif g.pin_factory != "auto":
+            os.environ["GPIOZERO_PIN_FACTORY"] = g.pin_factory
+        self.signals = GpioSignals({"green": g.green, "red": g.red, "amber": g.amber}, pin_factory=factory)
+        self.button = Button(g.button, bounce_time=g.bounce_ms / 1000, when_pressed=self.request_press, pin_factory=factory)
+        self.display = self._open_display(open_display)
+        self.camera = open_camera(self.cfg.camera, size=self._camera_size())
+        self._write_status("running")
+
+    def _camera_size(self) -> tuple[int, int]:
+        h, w = self.bundle.input.size
+        return (w, h)  # cameras (picamera2, PIL) take (width, height); the card says (height, width)
+
+    def _open_display(self, open_display):
+        d = self.cfg.display
+        kind = d.kind
+        if self.display_dir is not None:
+            kind = "png"
+        elif kind == "auto":
+            kind = "ssd1306" if self.on_pi else "png"
+        if kind == "png":
+            folder = self.display_dir or Path(d.png_dir)
+            log.info("display frames are written as PNG into %s", folder)
+            return open_display("png", folder=folder)
+        if kind in ("ssd1306", "sh1106"):
+            return open_display(kind, port=d.i2c_port, address=d.i2c_address)
+        return open_display(kind)
+
+    # --- events (any thread) -----------------------------------------------------------------
+    def request_press(self) -> None:
+        """Button callback: flag one pending press; presses during work coalesce into it."""
+        self._press.set()
+        self._wake.set()
+
+    def request_stop(self, *_):
+        self._stop.set()
+        self._wake.set()
+
+    def request_reload(self, *_):
+        self._reload.set()
+        self._wake.set()
+
+    # --- work (main thread) ------------------------------------------------------------------
+    def capture(self, n: int) -> list:
+        return [self.camera.capture() for _ in range(n)]
+
+    def answer(self, frames: list) -> Result:
+        """Classify one press's frames and signal the verdict."""
+        from device.display import Screen
+
+        result = self.classifier.classify_frames(frames)
+        name = self.bundle.display_name(result.label) if result.label else ""
+        self.signals.show(result.verdict)
+        self._show(Screen(title=name, verdict=result.verdict, confidence=result.confidence, detail=result.decision.reason))
+        log.info("verdict %s: %s %.1f%% (%s), %.0f ms", result.verdict, result.label, 100 * result.confidence,
+                 result.decision.reason, result.latency_ms)
+        self.presses_answered += 1
+        return result
+
+    def _show(self, screen) -> None:
+        """The LEDs already carry the verdict: a display fault (a full disk in laptop mode) must not stop it."""
+        try:
+            self.display.show(screen)
+        except MushcamError as e:
+            log.warning("display: %s", e)
+
+    def handle_press(self) -> Result | None:
+        """One press: busy pattern, capture, classify, signal. A camera failure shows the error pattern."""
+        from device.display import Screen
+
+        self.signals.busy()
+        try:
+            frames = self.capture(self.cfg.frames_per_press)
+        except CameraError as e:
+            log.error("%s", e)
+            self.signals.error()
+            self._show(Screen(title="Camera error", verdict="UNSURE", confidence=None, detail=str(e)[:40]))
+            raise
+        result = self.answer(frames)
+        if self.cfg.captures.enabled:
+            from device.captures import save_press
+
+            save_press(Path(self.cfg.captures.dir), frames, self._result_record(result), self.cfg.captures.max_mb)
+        return result
+
+    def _result_record(self, r: Result) -> dict:
+        return {**r.decision.to_dict(), "probs": dict(zip(self.bundle.labels, map(float, r.probs))),
+                "model": self.bundle.name, "model_version": self.bundle.version, "latency_ms": r.latency_ms,
+                "time": datetime.now(timezone.utc).isoformat()}
+
+    def reload(self) -> bool:
+        """SIGHUP: validate and self-test the bundle now at model_dir; keep the old one on any failure."""
+        self.notifier.reloading()
+        try:
+            bundle, clf = self.load_model()
+        except MushcamError as e:
+            self.last_reload_error = str(e)
+            log.error("reload refused, still serving %s %s: %s", self.bundle.name, self.bundle.version, e)
+            self._write_status("running")
+            self.notifier.ready()
+            return False
+        self.bundle, self.classifier = bundle, clf
+        self.last_reload_error = None
+        log.info("reloaded: now serving %s %s from %s", bundle.name, bundle.version, bundle.path)
+        self._write_status("running")
+        self.notifier.ready()
+        return True
+
+    def _write_status(self, state: str) -> None:
+        """The status file deploy/flash.sh reads to see which model is being served."""
+        if not self.cfg.status_file:
+            return
+        b = self.bundle
+        status = {
+            "state": state, "pid": os.getpid(), "updated": datetime.now(timezone.utc).isoformat(),
+            "model_name": b.name if b else None, "model_version": b.version if b else None,
+            "model_sha256": b.model_sha256 if b else None, "model_path": str(b.path) if b else None,
+            "last_reload_error": self.last_reload_error, "presses_answered": self.presses_answered,
+        }
+        try:
+            path = Path(self.cfg.status_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, status)
+        except OSError as e:
+            log.warning("cannot write status file %s: %s", self.cfg.status_file, e)
+
+    def run_once(self) -> int:
+        """Laptop demo: each fake-camera image once (or one press with a real camera), printed, then exit."""
+        paths = getattr(self.camera, "paths", None)
+        failed = 0
+        if not paths:
+            self.handle_press()
+            return EXIT_OK
+        for _ in paths:
+            try:
+                frame = self.camera.capture()
+            except CameraError as e:
+                failed += 1
+                print(f"error     {e}", flush=True)
+                continue
+            r = self.answer([frame])
+            name = self.bundle.display_name(r.label) if r.label else "-"
+            print(f"{r.verdict:<9} {r.confidence:6.1%}  {name:<22} {self.camera.last_path}", flush=True)
+        print("Never eat a mushroom on this advice alone: these verdicts are a prototype's guesses.", flush=True)
+        return EXIT_ERROR if failed else EXIT_OK
+
+    def loop(self) -> int:
+        """Wait for presses until SIGTERM; ping the watchdog between steps."""
+        interval = self.notifier.watchdog_interval() or 1.0
+        camera_failing_since = None
+        self.notifier.ready()
+        self.notifier.status(f"serving {self.bundle.name} {self.bundle.version}")
+        self.signals.off()
+        while not self._stop.is_set():
+            self._wake.wait(timeout=interval)
+            self._wake.clear()
+            self.notifier.watchdog()
+            if self._stop.is_set():
+                break
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            if self._press.is_set():
+                self._press.clear()
+                try:
+                    self.handle_press()
+                    camera_failing_since = None
+                except CameraError:
+                    camera_failing_since = camera_failing_since or time.monotonic()
+                    if time.monotonic() - camera_failing_since > self.cfg.camera_retry_s:
+                        log.error("camera failing for over %.0f s; exiting so systemd restarts mushcam",
+                                  self.cfg.camera_retry_s)
+                        return EXIT_CAMERA
+                    self._reopen_camera()
+                except MushcamError as e:
+                    # Anything else that fails in one press (e.g. the runtime) costs that press, not the service.
+                    log.error("press failed: %s", e)
+                    self.signals.error()
+        return EXIT_OK
+
+    def _reopen_camera(self) -> None:
+        from device.camera import open_camera
+
+        try:
+            self.camera.close()
+            self.camera = open_camera(self.cfg.camera, size=self._camera_size())
+        except CameraError as e:
+            log.warning("camera still unavailable: %s", e)
+
+    def close(self) -> None:
+        """Safe to call twice and after a failed start: LEDs off, camera closed, status 'stopped'."""
+        self.notifier.stopping()
+        for part in (self.signals, self.button, self.display, self.camera):
+            if part is not None:
+                try:
+                    part.close()
+                except Exception as e:  # shutting down: report and carry on closing the rest
+                    log.warning("closing %s: %s", type(part).__name__, e)
+        if self.bundle is not None:
+            self._write_status("stopped")
+
+
+def main(config: Path | None = None, camera: str | None = None, model: Path | None = None, once: bool = False,
+         display_dir: Path | None = None) -> int:
+    """Run the daemon; return the process exit code (0 clean stop, 1 error, 3 camera gone)."""
+    try:
+        cfg = with_overrides(load_config(config), camera=camera, model_dir=str(model) if model else None)
+    except ConfigError as e:
+        print(f"mushcam: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if once:
+        cfg = with_overrides(cfg, status_file="")  # a one-shot demo is not the service: leave its status alone
+    d = Daemon(cfg, once=once, display_dir=display_dir)
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, d.request_stop)
+        signal.signal(signal.SIGINT, d.request_stop)
+        signal.signal(signal.SIGHUP, d.request_reload)
+    try:
+        d.start()
+        return d.run_once() if once else d.loop()
+    except MushcamError as e:
+        log.error("%s", e)
+        print(f"mushcam: error: {e}", file=sys.stderr, flush=True)
+        if d.signals is not None:
+            d.signals.error()
+        return EXIT_ERROR
+    finally:
+        d.close()
+        if threading.current_thread() is threading.main_thread():
+            for s, h in old.items():
+                signal.signal(s, h)
+

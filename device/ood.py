@@ -1,0 +1,74 @@
+"""Unknown-species score: how far an image's embedding lies from every class seen in training.
+
+A softmax always sums to one over the known species, so a mushroom the model never saw can still get a
+confident edible label. The score here is the Mahalanobis distance (shared covariance, in a PCA space of
+`dims` components) to the nearest class mean, divided by sqrt(dims) so thresholds read alike across sizes.
+Numpy only: the trainer fits it (fit_ood), the device scores with it (OodScorer).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from device.errors import BundleError
+
+_KEYS = ("mean", "components", "class_means", "precision")
+
+
+def fit_ood(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, dims: int = 64, shrinkage: float = 0.1) -> dict:
+    """Fit the score's parameters on training embeddings (rows) and their integer labels."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    y = np.asarray(labels)
+    mean = x.mean(axis=0)
+    xc = x - mean
+    dims = int(min(dims, x.shape[1], max(1, x.shape[0] - n_classes)))
+    # PCA keeps the covariance estimate well-conditioned with a few hundred photos per class.
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    components = vt[:dims].T
+    z = xc @ components
+    class_means = np.stack([z[y == c].mean(axis=0) if np.any(y == c) else np.zeros(dims) for c in range(n_classes)])
+    within = z - class_means[y]
+    cov = within.T @ within / max(1, len(z) - n_classes)
+    # Shrink towards the diagonal: stable inverse, and distances degrade gracefully on few samples.
+    cov = (1 - shrinkage) * cov + shrinkage * np.diag(np.diag(cov)) + 1e-6 * np.eye(dims)
+    precision = np.linalg.inv(cov)
+    return {
+        "mean": mean.astype(np.float32),
+        "components": components.astype(np.float32),
+        "class_means": class_means.astype(np.float32),
+        "precision": precision.astype(np.float32),
+    }
+
+
+class OodScorer:
+    """Scores embeddings with parameters from `fit_ood`; higher means less like the training data."""
+
+    def __init__(self, params: dict):
+        self.mean = np.asarray(params["mean"], dtype=np.float32)
+        self.components = np.asarray(params["components"], dtype=np.float32)
+        self.class_means = np.asarray(params["class_means"], dtype=np.float32)
+        self.precision = np.asarray(params["precision"], dtype=np.float32)
+        self.dims = self.components.shape[1]
+
+    @classmethod
+    def from_npz(cls, path: Path) -> "OodScorer":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                missing = [k for k in _KEYS if k not in data]
+                if missing:
+                    raise BundleError(f"{path}: missing array {missing[0]!r}")
+                return cls({k: data[k] for k in _KEYS})
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{path}: not a valid ood.npz ({e})") from None
+
+    def class_distances(self, embedding: np.ndarray) -> np.ndarray:
+        """Per-class distance (normalised by sqrt(dims)) of one embedding."""
+        z = (np.asarray(embedding, dtype=np.float32).reshape(-1) - self.mean) @ self.components
+        d = z[None, :] - self.class_means
+        d2 = np.einsum("ij,jk,ik->i", d, self.precision, d)
+        return np.sqrt(np.maximum(d2, 0) / self.dims)
+
+    def score(self, embedding: np.ndarray) -> float:
+        return float(self.class_distances(embedding).min())

@@ -1,0 +1,253 @@
+"""The daemon end to end: button presses through gpiozero's MockFactory, SIGTERM, SIGHUP, status, captures."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import gpiozero
+import pytest
+
+from device.config import CapturesConfig, Config, DisplayConfig, GpioConfig
+from device.daemon import EXIT_CAMERA, Daemon
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "data" / "tiny_bundle"
+GREEN, RED, AMBER, BUTTON = 17, 27, 22, 5
+
+
+@pytest.fixture
+def mock_pins():
+    saved = gpiozero.Device.pin_factory
+    yield
+    if gpiozero.Device.pin_factory is not None:
+        gpiozero.Device.pin_factory.reset()
+    gpiozero.Device.pin_factory = saved
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(TINY, dst)
+    return dst
+
+
+def make_cfg(tmp_path, bundle, camera=None, **kw) -> Config:
+    return Config(
+        model_dir=str(bundle),
+        camera=camera or f"fake:{bundle / 'samples' / 'red_cap.jpg'}",
+        frames_per_press=2,
+        status_file=str(tmp_path / "status.json"),
+        gpio=GpioConfig(pin_factory="mock", bounce_ms=0),
+        display=DisplayConfig(kind="png", png_dir=str(tmp_path / "display")),
+        **kw,
+    )
+
+
+def wait_for(pred, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+class Running:
+    """A started daemon looping in a thread, stopped and closed on exit."""
+
+    def __init__(self, cfg):
+        self.d = Daemon(cfg)
+
+    def __enter__(self):
+        self.d.start()
+        self.code = None
+        self.t = threading.Thread(target=lambda: setattr(self, "code", self.d.loop()), daemon=True)
+        self.t.start()
+        return self.d
+
+    def press(self):
+        pin = gpiozero.Device.pin_factory.pin(BUTTON)
+        n = self.d.presses_answered
+        pin.drive_low()
+        pin.drive_high()
+        assert wait_for(lambda: self.d.presses_answered > n), "press was not answered"
+
+    def __exit__(self, *exc):
+        self.d.request_stop()
+        self.t.join(10)
+        self.d.close()
+
+
+def led(pin):
+    return gpiozero.Device.pin_factory.pin(pin).state
+
+
+def test_button_press_lights_the_verdict_and_draws_the_display(tmp_path, bundle, mock_pins):
+    r = Running(make_cfg(tmp_path, bundle))
+    with r as d:
+        assert (led(GREEN), led(RED), led(AMBER)) == (0, 0, 0)
+        r.press()
+        assert (led(GREEN), led(RED), led(AMBER)) == (1, 0, 0)  # red_cap is the edible class
+        status = json.loads((tmp_path / "status.json").read_text())
+        assert status["state"] == "running" and status["model_sha256"] == d.bundle.model_sha256
+    pngs = sorted((tmp_path / "display").glob("*.png"))
+    assert pngs, "no display frame written"
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "stopped"
+    assert (led(GREEN), led(RED), led(AMBER)) == (0, 0, 0) or gpiozero.Device.pin_factory is None
+
+
+def test_poisonous_press_lights_red(tmp_path, bundle, mock_pins):
+    r = Running(make_cfg(tmp_path, bundle, camera=f"fake:{bundle / 'samples' / 'blue_cap.jpg'}"))
+    with r:
+        r.press()
+        assert (led(GREEN), led(RED), led(AMBER)) == (0, 1, 0)
+
+
+def test_a_burst_of_presses_is_coalesced_and_every_press_answered_or_merged(tmp_path, bundle, mock_pins):
+    r = Running(make_cfg(tmp_path, bundle))
+    with r as d:
+        pin = gpiozero.Device.pin_factory.pin(BUTTON)
+        for _ in range(200):
+            pin.drive_low()
+            pin.drive_high()
+        assert wait_for(lambda: d.presses_answered >= 1)
+        time.sleep(0.3)
+        # At most one press can be pending while one is handled: the queue is bounded at one.
+        assert 1 <= d.presses_answered <= 200
+        assert d.button.presses == 200
+
+
+def test_captures_are_saved_atomically_and_a_full_disk_still_answers(tmp_path, bundle, mock_pins, monkeypatch):
+    cap = tmp_path / "captures"
+    r = Running(make_cfg(tmp_path, bundle, captures=CapturesConfig(enabled=True, dir=str(cap), max_mb=50)))
+    with r:
+        r.press()
+        saved = [p for p in cap.iterdir() if not p.name.startswith(".")]
+        assert len(saved) == 1 and saved[0].name.endswith("EDIBLE")
+        assert sorted(f.name for f in saved[0].iterdir()) == ["frame_0.jpg", "frame_1.jpg", "result.json"]
+        assert json.loads((saved[0] / "result.json").read_text())["verdict"] == "EDIBLE"
+
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr("PIL.Image.Image.save", full)
+        r.press()  # still answered
+        assert led(GREEN) == 1
+        assert len([p for p in cap.iterdir()]) == 1, "a failed capture left something behind"
+
+
+def test_camera_failure_shows_error_then_recovers(tmp_path, bundle, mock_pins):
+    r = Running(make_cfg(tmp_path, bundle))
+    with r as d:
+        d.camera.fail(1)
+        pin = gpiozero.Device.pin_factory.pin(BUTTON)
+        pin.drive_low()
+        pin.drive_high()
+        assert wait_for(lambda: d.signals.state == "error")
+        assert d.presses_answered == 0 and led(GREEN) == 0
+        r.press()  # the camera is back
+        assert led(GREEN) == 1
+
+
+def test_camera_gone_for_too_long_exits_non_zero(tmp_path, bundle, mock_pins):
+    r = Running(make_cfg(tmp_path, bundle, camera_retry_s=0.0))
+    with r as d:
+        d.camera.fail(100)
+        d.cfg.camera = "fake:/nonexistent/folder"  # reopening fails too
+        pin = gpiozero.Device.pin_factory.pin(BUTTON)
+        for _ in range(2):
+            pin.drive_low()
+            pin.drive_high()
+            time.sleep(0.1)
+        r.t.join(5)
+        assert r.code == EXIT_CAMERA
+
+
+def test_reload_keeps_the_old_model_when_the_new_one_is_bad(tmp_path, bundle, mock_pins):
+    r = Running(make_cfg(tmp_path, bundle))
+    with r as d:
+        old = d.bundle
+        (bundle / "model.tflite").write_bytes(b"garbage")
+        assert d.reload() is False
+        assert d.bundle is old
+        assert "sha256" in json.loads((tmp_path / "status.json").read_text())["last_reload_error"]
+        r.press()  # the old model still answers
+        assert led(GREEN) == 1
+
+
+def _daemon_process(tmp_path, bundle):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f'model_dir = "{tmp_path / "current"}"\ncamera = "fake:{bundle / "samples"}"\n'
+        f'status_file = "{tmp_path / "status.json"}"\n'
+        f'[gpio]\npin_factory = "mock"\n[display]\nkind = "png"\npng_dir = "{tmp_path / "display"}"\n'
+    )
+    os.symlink(bundle, tmp_path / "current")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "device", "run", "--config", str(cfg)], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    status = tmp_path / "status.json"
+    assert wait_for(lambda: status.exists(), 30), p.stderr.read() if p.poll() is not None else "no status file"
+    return p, status
+
+
+def test_sighup_reloads_a_new_release_and_sigterm_exits_cleanly(tmp_path, bundle):
+    p, status = _daemon_process(tmp_path, bundle)
+    try:
+        # A new release: same model, new version; switch `current` as flash.sh does, then SIGHUP.
+        new = tmp_path / "release2"
+        shutil.copytree(bundle, new)
+        card = json.loads((new / "model.json").read_text())
+        card["version"] = "0.0.2"
+        (new / "model.json").write_text(json.dumps(card))
+        os.symlink(new, tmp_path / "current.new")
+        os.replace(tmp_path / "current.new", tmp_path / "current")
+        p.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: json.loads(status.read_text()).get("model_version") == "0.0.2", 20)
+        # A garbage release is refused and the old one keeps serving.
+        bad = tmp_path / "release3"
+        shutil.copytree(new, bad)
+        (bad / "model.tflite").write_bytes((bad / "model.tflite").read_bytes()[:500])
+        os.symlink(bad, tmp_path / "current.new")
+        os.replace(tmp_path / "current.new", tmp_path / "current")
+        p.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: json.loads(status.read_text()).get("last_reload_error"), 20)
+        assert json.loads(status.read_text())["model_version"] == "0.0.2"
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    assert "Traceback" not in err
+    assert json.loads(status.read_text())["state"] == "stopped"
+
+
+def test_run_once_is_the_laptop_demo(tmp_path, bundle):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "device", "run", "--once", "--model", str(bundle), "--camera",
+                          f"fake:{bundle / 'samples'}", "--display-dir", str(tmp_path / "d")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.split()[0] in ("EDIBLE", "POISONOUS", "UNSURE")]
+    assert len(lines) == 3
+    assert len(list((tmp_path / "d").glob("*.png"))) == 3
+
+
+def test_run_with_a_bad_config_is_one_line(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("frames_per_press = 0\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "device", "run", "--config", str(cfg)], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1
+    assert "frames_per_press" in out.stderr and "Traceback" not in out.stderr
