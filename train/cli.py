@@ -73,6 +73,7 @@ def fit(
     fine_tune_epochs: Annotated[int, typer.Option(help="Max epochs of stage 2 (fine-tune the top of the backbone; 0 skips).")] = 4,
     batch_size: Annotated[int, typer.Option(help="Images per training step.")] = 32,
     feature_copies: Annotated[int, typer.Option(help="Stage 1: cached feature copies per image (1 clean + n-1 augmented).")] = 4,
+    fine_tune_fraction: Annotated[float, typer.Option(help="Stage 2: fraction of the backbone's layers (from the top) trained.")] = 0.3,
     seed: Annotated[int, typer.Option(help="Random seed (Python, NumPy, Keras).")] = 0,
 ) -> None:
     """Train a classifier on WORK's manifest; writes WORK/model.keras (best on val), fit.json and curves.png."""
@@ -83,7 +84,8 @@ def fit(
 
         hp = HParams(
             backbone=backbone, alpha=alpha, size=size, weights=weights, epochs=epochs,
-            fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, feature_copies=feature_copies, seed=seed,
+            fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, feature_copies=feature_copies,
+            fine_tune_fraction=fine_tune_fraction, seed=seed,
         )
         result = run_fit(work, hp)
         console.out.print(

@@ -286,15 +286,20 @@ def fit(work: Path, hp: HParams) -> FitResult:
         inp = keras.Input(model.input_shape[1:], name="image")
         logits = dense(drop(backbone(augment(inp), training=False)))
         trainer = keras.Model(inp, logits, name="trainer")
-        trainer.compile(optimizer=keras.optimizers.Adam(hp.fine_tune_learning_rate), loss=loss, metrics=["accuracy"])
+        train_batches = _batches(keras, x_train, y_train, weights_c[y_train], input_spec, batch, True, hp.seed)
+        # Cosine decay to a tenth: a constant rate made the val loss jump between epochs.
+        schedule = keras.optimizers.schedules.CosineDecay(
+            hp.fine_tune_learning_rate, decay_steps=hp.fine_tune_epochs * len(train_batches), alpha=0.1
+        )
+        trainer.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=["accuracy"])
         console.note(f"stage 2: fine-tuning the top {n_open} weighted layers of {spec.name} (BatchNorm frozen)")
         h2 = trainer.fit(
-            _batches(keras, x_train, y_train, weights_c[y_train], input_spec, batch, True, hp.seed),
+            train_batches,
             epochs=hp.fine_tune_epochs,
             validation_data=_batches(keras, x_val, y_val, None, input_spec, batch, False, hp.seed),
             verbose=verbose,
             callbacks=[
-                keras.callbacks.EarlyStopping(monitor="val_loss", patience=min(hp.patience, 2)),
+                keras.callbacks.EarlyStopping(monitor="val_loss", patience=hp.fine_tune_patience),
                 best.callback(keras, "fine-tune"),
             ],
         )

@@ -23,8 +23,8 @@ class HParams:
        stay frozen and in inference mode) and the whole model trains end to end on freshly augmented
        images at `fine_tune_learning_rate` for up to `fine_tune_epochs` epochs (0 skips the stage).
 
-    Both stages stop early when the validation loss has not improved for `patience` epochs; the best
-    model over both stages is the one kept (WORK/model.keras).
+    Both stages stop early when the validation loss has not improved for `patience` (stage 2:
+    `fine_tune_patience`) epochs; the best model over both stages is the one kept (WORK/model.keras).
     """
 
     backbone: str = "mobilenet_v2"
@@ -44,7 +44,8 @@ class HParams:
     learning_rate: float = 1e-3
     """Adam learning rate of stage 1."""
     fine_tune_learning_rate: float = 1e-4
-    """Adam learning rate of stage 2: lower, so the pretrained features are adjusted, not overwritten."""
+    """Adam learning rate at the start of stage 2 (cosine decay to a tenth over `fine_tune_epochs`): lower
+    than stage 1's, so the pretrained features are adjusted, not overwritten."""
     fine_tune_fraction: float = 0.3
     """Fraction of the backbone's layers (from the top) unfrozen in stage 2."""
     feature_copies: int = 4
@@ -52,7 +53,9 @@ class HParams:
     dropout: float = 0.2
     """Dropout rate before the logits layer (training only)."""
     patience: int = 5
-    """Epochs without a better validation loss before a stage stops early (stage 2 uses min(patience, 2))."""
+    """Stage 1: epochs without a better validation loss before it stops early."""
+    fine_tune_patience: int = 3
+    """Stage 2: epochs without a better validation loss before it stops early."""
     flip: bool = True
     """Augmentation: random horizontal flips (a mushroom has no handedness)."""
     rotation: float = 0.05
@@ -77,7 +80,7 @@ class HParams:
             (0.0 < self.fine_tune_fraction <= 1.0, "fine_tune_fraction must be in (0, 1]"),
             (self.feature_copies >= 1, "feature_copies must be >= 1"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
-            (self.patience >= 1, "patience must be >= 1"),
+            (self.patience >= 1 and self.fine_tune_patience >= 1, "patience must be >= 1"),
             (self.learning_rate > 0 and self.fine_tune_learning_rate > 0, "learning rates must be > 0"),
         ]
         for ok, message in checks:
