@@ -21,6 +21,9 @@ import typer
 
 from device.errors import MushcamError
 from train import console
+from train.hparams import HParams
+
+_HP = HParams()  # the CLI's defaults are the documented dataclass's
 
 app = typer.Typer(
     name="mushcam-train",
@@ -66,19 +69,17 @@ def prepare(
 def fit(
     work: Annotated[Path, typer.Argument(help="WORK dir written by prepare.", exists=True, file_okay=False)],
     weights: Annotated[str, typer.Option(help="Backbone init: imagenet (download), PATH to a .weights.h5, or none.")],
-    backbone: Annotated[str, typer.Option(help="mobilenet_v2, mobilenet_v3_small or mobilenet_v3_large.")] = "mobilenet_v2",
-    alpha: Annotated[float, typer.Option(help="Backbone width multiplier.")] = 1.0,
+    backbone: Annotated[str, typer.Option(help="mobilenet_v2, mobilenet_v3_small or mobilenet_v3_large.")] = _HP.backbone,
+    alpha: Annotated[float, typer.Option(help="Backbone width multiplier.")] = _HP.alpha,
     size: Annotated[Optional[int], typer.Option(help="Square input size in pixels (default: the backbone's, 224).")] = None,
-    epochs: Annotated[int, typer.Option(help="Max epochs of stage 1 (head on cached features).")] = 30,
-    fine_tune_epochs: Annotated[int, typer.Option(help="Max epochs of stage 2 (fine-tune the top of the backbone; 0 skips).")] = 4,
-    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = 32,
-    feature_copies: Annotated[int, typer.Option(help="Stage 1: cached feature copies per image (1 clean + n-1 augmented).")] = 4,
-    fine_tune_fraction: Annotated[float, typer.Option(help="Stage 2: fraction of the backbone's layers (from the top) trained.")] = 0.3,
-    seed: Annotated[int, typer.Option(help="Random seed (Python, NumPy, Keras).")] = 0,
+    epochs: Annotated[int, typer.Option(help="Max epochs of stage 1 (head on cached features).")] = _HP.epochs,
+    fine_tune_epochs: Annotated[int, typer.Option(help="Max epochs of stage 2 (fine-tune the top of the backbone; 0 skips).")] = _HP.fine_tune_epochs,
+    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = _HP.batch_size,
+    feature_copies: Annotated[int, typer.Option(help="Stage 1: cached feature copies per image (1 clean + n-1 augmented).")] = _HP.feature_copies,
+    fine_tune_fraction: Annotated[float, typer.Option(help="Stage 2: fraction of the backbone's layers (from the top) trained.")] = _HP.fine_tune_fraction,
+    seed: Annotated[int, typer.Option(help="Random seed (Python, NumPy, Keras).")] = _HP.seed,
 ) -> None:
     """Train a classifier on WORK's manifest; writes WORK/model.keras (best on val), fit.json and curves.png."""
-    from train.hparams import HParams
-
     with _reported():
         from train.fit import fit as run_fit
 

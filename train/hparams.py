@@ -37,7 +37,7 @@ class HParams:
     """Backbone initialisation: `imagenet` (Keras download), a local `.weights.h5` file, or `none`."""
     epochs: int = 30
     """Maximum epochs of stage 1 (head on cached features; cheap, early stopping usually ends it)."""
-    fine_tune_epochs: int = 4
+    fine_tune_epochs: int = 12
     """Maximum epochs of stage 2 (end-to-end fine-tuning of the top of the backbone; the slow stage)."""
     batch_size: int = 32
     """Images per step (both stages)."""
@@ -48,7 +48,7 @@ class HParams:
     than stage 1's, so the pretrained features are adjusted, not overwritten."""
     fine_tune_fraction: float = 0.3
     """Fraction of the backbone's layers (from the top) unfrozen in stage 2."""
-    feature_copies: int = 4
+    feature_copies: int = 8
     """Copies of each training image whose features stage 1 caches: 1 clean + (n-1) augmented."""
     dropout: float = 0.2
     """Dropout rate before the logits layer (training only)."""
