@@ -128,6 +128,13 @@ def test_export_gate_refuses_and_keeps_the_old_bundle(chain, tmp_path):
     result = invoke("export", chain["work"], "--out", fresh, "--calibration", "8", "--max-drop", "-100")
     assert result.exit_code == 1 and not fresh.exists()
 
+    # --force writes it anyway, and says so.
+    result = invoke("export", chain["work"], "--out", bundle, "--calibration", "8", "--max-drop", "-100",
+                    "--force", "--samples", "0")
+    assert result.exit_code == 0, result.output
+    assert "warning: forced: int8 model loses" in result.stderr
+    assert tree_digest(bundle) != before and load_bundle(bundle).samples == []
+
 
 def test_export_refuses_to_replace_a_folder_that_is_not_a_bundle(chain, tmp_path):
     precious = tmp_path / "photos"

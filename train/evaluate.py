@@ -196,7 +196,7 @@ def write_report(result: dict, folder: Path) -> Path:
         "| figure | value |",
         "|---|---|",
         f"| top-1 | {result['top1']:.2%} |",
-        f"| poisonous answered EDIBLE | {result['poisonous_as_edible']:.2%} ({result['poisonous_as_edible_count']} photos) |",
+        f"| poisonous answered EDIBLE | {result['poisonous_as_edible']:.2%} ({result['poisonous_as_edible_count']} of {result['poisonous']} photos) |",
         f"| edible coverage (edible answered EDIBLE) | {result['edible_coverage']:.2%} |",
         f"| UNSURE rate | {result['unsure_rate']:.2%} |",
         f"| cost (100 per poisonous->EDIBLE, 1 per edible not EDIBLE; mean per photo) | {result['cost']:.3f} |",
