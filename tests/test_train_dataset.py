@@ -1,0 +1,203 @@
+"""mushcam-train prepare: scanning, duplicates, splitting, the manifest and its errors (no TensorFlow)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from device.errors import DataError
+from train import dataset
+from train.cli import app
+
+SHAPES = {"red_circle": "edible", "blue_square": "poisonous", "green_triangle": "poisonous"}
+COLOURS = {"red_circle": (220, 40, 40), "blue_square": (40, 60, 220), "green_triangle": (40, 200, 60)}
+
+
+def shape_image(label: str, rng: np.random.Generator, size: int = 40) -> Image.Image:
+    """A noisy background with one coloured shape at a random place and size."""
+    bg = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    img = Image.fromarray(((bg.astype(np.int32) + rng.integers(0, 256, size=3)) // 2).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    r = int(rng.integers(size // 5, size // 3))
+    cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))
+    colour = COLOURS[label]
+    if label == "red_circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    elif label == "blue_square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    return img
+
+
+def jpeg_bytes(img: Image.Image, quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def make_dataset(root: Path, per_class: int = 12, seed: int = 0, edibility: dict | None = None) -> Path:
+    """Folder-per-class JPEGs of coloured shapes plus edibility.csv; returns root."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for label in SHAPES:
+        (root / label).mkdir(exist_ok=True)
+        for i in range(per_class):
+            (root / label / f"{label}_{i:02d}.jpg").write_bytes(jpeg_bytes(shape_image(label, rng)))
+    rows = ["class,edibility,common_name"] + [f"{k},{v},{k.replace('_', ' ')}" for k, v in (edibility or SHAPES).items()]
+    (root / "edibility.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def add_trouble(root: Path) -> dict[str, str]:
+    """A corrupt JPEG, an unsupported file, an exact and a near duplicate filed under two classes."""
+    good = (root / "red_circle" / "red_circle_00.jpg").read_bytes()
+    (root / "red_circle" / "broken.jpg").write_bytes(good[: len(good) // 2])
+    (root / "blue_square" / "notes.txt").write_text("not a photo\n")
+    (root / "blue_square" / "copy_of_red.jpg").write_bytes(good)  # exact duplicate across classes
+    near = Image.open(io.BytesIO((root / "green_triangle" / "green_triangle_03.jpg").read_bytes()))
+    (root / "red_circle" / "recompressed_green.jpg").write_bytes(jpeg_bytes(near, quality=60))
+    return {
+        "corrupt": "red_circle/broken.jpg",
+        "unsupported": "blue_square/notes.txt",
+        "exact": "blue_square/copy_of_red.jpg",
+        "near": "red_circle/recompressed_green.jpg",
+    }
+
+
+runner = CliRunner()
+
+
+def test_prepare_lists_bad_files_drops_cross_class_duplicates_and_splits_by_group(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    trouble = add_trouble(data)
+    # A same-class near duplicate must stay on one side of every split.
+    img = Image.open(data / "blue_square" / "blue_square_05.jpg")
+    (data / "blue_square" / "blue_square_05_again.jpg").write_bytes(jpeg_bytes(img, quality=70))
+    work = tmp_path / "work"
+    result = runner.invoke(app, ["prepare", str(data), "--out", str(work), "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert trouble["corrupt"] in out and trouble["unsupported"] in out  # listed by path
+    assert "skipped 2 file(s)" in out
+    assert "dropped 4 image(s) filed under two classes" in out
+    for key in ("exact", "near"):
+        assert trouble[key] in out
+    assert "red_circle/red_circle_00.jpg" in out and "green_triangle/green_triangle_03.jpg" in out
+
+    manifest = json.loads((work / "manifest.json").read_text())
+    paths = {r["path"] for r in manifest["images"]}
+    assert not paths & {trouble["exact"], trouble["near"], "red_circle/red_circle_00.jpg", "green_triangle/green_triangle_03.jpg"}
+    assert {s["path"] for s in manifest["skipped"]} == {trouble["corrupt"], trouble["unsupported"]}
+    assert manifest["labels"] == sorted(SHAPES)
+    assert manifest["classes"]["blue_square"] == {"edibility": "poisonous", "display_name": "blue square"}
+    # Paths are relative to the absolute data_dir and point at real files.
+    assert Path(manifest["data_dir"]).is_absolute()
+    assert all((Path(manifest["data_dir"]) / p).is_file() for p in paths)
+    # No duplicate group straddles two splits; the planted pair shares a group.
+    split_of_group: dict[int, set] = {}
+    for r in manifest["images"]:
+        split_of_group.setdefault(r["group"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in split_of_group.values())
+    by_path = {r["path"]: r for r in manifest["images"]}
+    assert by_path["blue_square/blue_square_05.jpg"]["group"] == by_path["blue_square/blue_square_05_again.jpg"]["group"]
+    # Every class is in every split (stratified), and the table shows counts and edibility.
+    for label in SHAPES:
+        assert {r["split"] for r in manifest["images"] if r["label"] == label} == {"train", "val", "test"}
+    assert "poisonous" in out and "edible" in out and "total" in out
+
+
+def test_split_is_deterministic_for_a_seed_and_changes_with_it(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=20)
+    splits = []
+    for seed, name in ((1, "a"), (1, "b"), (2, "c")):
+        dataset.prepare(data, tmp_path / name, seed=seed)
+        m = dataset.Manifest.load(tmp_path / name)
+        splits.append({r.path: r.split for r in m.images})
+    assert splits[0] == splits[1]
+    assert splits[0] != splits[2]
+    counts = dataset.Manifest.load(tmp_path / "a").counts()
+    assert counts["red_circle"] == {"train": 14, "val": 3, "test": 3}
+
+
+def test_missing_edibility_row_is_an_error_naming_the_class(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=3, edibility={"red_circle": "edible", "blue_square": "poisonous"})
+    result = runner.invoke(app, ["prepare", str(data), "--out", str(tmp_path / "work")])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "green_triangle" in result.stderr and "edibility" in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "work" / "manifest.json").exists()
+
+
+def test_bad_edibility_value_and_missing_csv(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=3, edibility={**SHAPES, "blue_square": "maybe"})
+    with pytest.raises(DataError, match="blue_square.*maybe"):
+        dataset.prepare(data, tmp_path / "w")
+    (data / "edibility.csv").unlink()
+    with pytest.raises(DataError, match="edibility.csv: missing"):
+        dataset.prepare(data, tmp_path / "w")
+
+
+def test_empty_data_dir_and_too_few_images_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(app, ["prepare", str(empty), "--out", str(tmp_path / "w")])
+    assert result.exit_code == 1 and "no class folders" in result.stderr
+
+    data = make_dataset(tmp_path / "data", per_class=3)
+    for p in list((data / "green_triangle").iterdir())[1:]:
+        p.unlink()
+    result = runner.invoke(app, ["prepare", str(data), "--out", str(tmp_path / "w")])
+    assert result.exit_code == 1
+    assert "green_triangle (1)" in result.stderr and "at least 2" in result.stderr
+
+
+def test_bad_fractions_are_refused(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=3)
+    result = runner.invoke(app, ["prepare", str(data), "--out", str(tmp_path / "w"), "--val", "0.6", "--test", "0.5"])
+    assert result.exit_code == 1 and "--val" in result.stderr
+
+
+def test_missing_data_dir_is_a_usage_error(tmp_path):
+    result = runner.invoke(app, ["prepare", str(tmp_path / "nope"), "--out", str(tmp_path / "w")])
+    assert result.exit_code == 2
+
+
+def test_group_duplicates_unites_chains_within_hamming_4():
+    def rec(name, phash, sha=None):
+        return dataset.ImageRecord(name, "x", sha or name, f"{phash:016x}")
+
+    records = [rec("a", 0b0), rec("b", 0b1111), rec("c", 0b1111 | 0b11110000), rec("d", 0xFFFF0000), rec("e", 0x0F0F0F, "a")]
+    groups = dataset.group_duplicates(records)
+    assert groups[0] == groups[1] == groups[2]  # a-b: 4 bits, b-c: 4 bits (a-c: 8, joined through b)
+    assert groups[3] != groups[0]
+    assert groups[4] == groups[0]  # same sha256 as a
+
+
+def test_fit_needs_a_manifest(tmp_path):
+    result = runner.invoke(app, ["fit", str(tmp_path), "--weights", "none"])
+    assert result.exit_code == 1
+    assert "run `mushcam-train prepare" in result.stderr
+
+
+def test_help_and_prepare_do_not_import_tensorflow():
+    code = (
+        "import sys; from typer.testing import CliRunner; from train.cli import app; "
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+        "import train.dataset, train.report, train.hparams, train.model_spec; "
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TF imported'"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for cmd in ("prepare", "fit", "export", "evaluate", "edgetpu"):
+        assert cmd in runner.invoke(app, ["--help"]).stdout

@@ -1,0 +1,354 @@
+"""The whole chain through the CLI: prepare -> fit -> export -> evaluate -> edgetpu, on tiny real artefacts.
+
+One session-scoped fixture prepares and trains once (MobileNetV2 alpha 0.35, 32 px, random init, one epoch
+per stage) and exports one bundle; the tests reuse them (copies where they modify a bundle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from device import preprocess as dp
+from device.bundle import load_bundle
+from tests.test_train_dataset import SHAPES, add_trouble, make_dataset
+from train.cli import app
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Keras 3.15 vs numpy 2 chatter
+
+runner = CliRunner()
+FIT_ARGS = ["--weights", "none", "--size", "32", "--alpha", "0.35", "--epochs", "2", "--fine-tune-epochs", "1",
+            "--batch-size", "8", "--feature-copies", "2", "--seed", "1"]
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def error_line(result) -> str:
+    """The one `error: ...` line (progress bars share stderr); asserts there is exactly one, no traceback."""
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and result.stderr.endswith(lines[0] + "\n"), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    """prepare + fit + export once; returns a dict of paths and the CLI outputs."""
+    root = tmp_path_factory.mktemp("chain")
+    data = make_dataset(root / "data", per_class=12)
+    trouble = add_trouble(data)
+    work = root / "work"
+    prep = invoke("prepare", data, "--out", work)
+    assert prep.exit_code == 0, prep.output
+    fit = invoke("fit", work, *FIT_ARGS)
+    assert fit.exit_code == 0, fit.output
+    bundle = root / "bundle"
+    exp = invoke("export", work, "--out", bundle, "--calibration", "16", "--max-drop", "100", "--samples", "1",
+                 "--name", "test-shapes", "--version", "1")
+    assert exp.exit_code == 0, exp.output
+    return {"root": root, "data": data, "work": work, "bundle": bundle, "trouble": trouble,
+            "prepare": prep, "fit": fit, "export": exp}
+
+
+def test_fit_writes_the_best_model_curves_and_info(chain):
+    work = chain["work"]
+    assert (work / "model.keras").is_file() and (work / "curves.png").stat().st_size > 1000
+    info = json.loads((work / "fit.json").read_text())
+    assert info["labels"] == sorted(SHAPES)
+    assert info["input"] == {"size": [32, 32], "color": "RGB", "resize": "center_crop", "mean": 127.5, "std": 127.5}
+    assert set(info["history"]) == {"head", "fine-tune"}
+    assert info["best"]["stage"] in ("head", "fine-tune") and info["best"]["val_loss"] > 0
+    assert "best:" in chain["fit"].stdout
+
+    from train._tf import import_keras
+
+    _, keras = import_keras()
+    model = keras.models.load_model(work / "model.keras", compile=False)
+    # Two outputs: logits (3 classes, no softmax) and the pooled embedding.
+    logits, emb = model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0)
+    assert logits.shape == (2, 3) and emb.shape == (2, 1280)
+    assert not np.allclose(logits.sum(axis=1), 1.0)
+
+
+def test_export_writes_a_bundle_the_device_loads(chain):
+    bundle = load_bundle(chain["bundle"])
+    card = bundle.card
+    assert card["name"] == "test-shapes" and card["version"] == "1"
+    assert bundle.labels == sorted(SHAPES)
+    assert {k: v.edibility for k, v in bundle.classes.items()} == SHAPES
+    assert bundle.classes["red_circle"].display_name == "red circle"
+    assert card["input"]["dtype"] == "int8" and card["input"]["size"] == [32, 32]
+    assert card["outputs"]["logits"]["size"] == 3 and card["outputs"]["embedding"]["size"] == 1280
+    assert set(card["files"]) == {"model.tflite", "ood.npz"}
+    assert 0 < card["thresholds"]["ood_max_score"]
+    assert 0.9 <= card["thresholds"]["edible_min_confidence"] <= 1.0
+    assert {"float_top1", "int8_top1", "val"} <= set(card["metrics"])
+    assert card["training"]["backbone"] == "mobilenet_v2" and card["training"]["alpha"] == 0.35
+    for s in bundle.samples:
+        assert s.path.is_file() and max(__import__("PIL.Image").Image.open(s.path).size) <= 320
+    # No temp or backup directories left beside the bundle.
+    assert sorted(p.name for p in chain["root"].iterdir() if p.name.startswith(".")) == []
+
+    # The int8 model's quantization in the card is the model's own (the device engine checks it).
+    from device.engine import load_engine
+
+    engine = load_engine(bundle, "cpu")
+    out = engine.run(dp.preprocess(chain["data"] / "red_circle" / "red_circle_01.jpg", bundle.input))
+    assert out.logits.shape == (3,) and out.embedding.shape == (1280,)
+
+
+def test_export_gate_refuses_and_keeps_the_old_bundle(chain, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(chain["bundle"], bundle)
+    before = tree_digest(bundle)
+    result = invoke("export", chain["work"], "--out", bundle, "--calibration", "8", "--max-drop", "-100")
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert line.startswith("error: int8 model loses") and "not written" in line
+    assert tree_digest(bundle) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no half bundle, no temp dir
+
+    fresh = tmp_path / "fresh"
+    result = invoke("export", chain["work"], "--out", fresh, "--calibration", "8", "--max-drop", "-100")
+    assert result.exit_code == 1 and not fresh.exists()
+
+    # --force writes it anyway, and says so.
+    result = invoke("export", chain["work"], "--out", bundle, "--calibration", "8", "--max-drop", "-100",
+                    "--force", "--samples", "0")
+    assert result.exit_code == 0, result.output
+    assert "warning: forced: int8 model loses" in result.stderr
+    assert tree_digest(bundle) != before and load_bundle(bundle).samples == []
+
+
+def test_export_refuses_to_replace_a_folder_that_is_not_a_bundle(chain, tmp_path):
+    precious = tmp_path / "photos"
+    precious.mkdir()
+    (precious / "holiday.jpg").write_bytes(b"not ours")
+    result = invoke("export", chain["work"], "--out", precious)
+    assert result.exit_code == 1 and "not a model bundle" in error_line(result)
+    assert (precious / "holiday.jpg").read_bytes() == b"not ours"
+
+
+def test_evaluate_work_split_json_and_report(chain, tmp_path):
+    result = invoke("evaluate", chain["bundle"], chain["work"], "--json", "--report", tmp_path / "rep")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)  # nothing but JSON on stdout
+    for key in ("top1", "poisonous_as_edible", "edible_coverage", "unsure_rate", "cost", "per_class"):
+        assert key in figures
+    assert set(figures["per_class"]) == set(SHAPES)
+    n_test = sum(1 for r in json.loads((chain["work"] / "manifest.json").read_text())["images"] if r["split"] == "test")
+    assert figures["n"] == n_test
+    assert sum(sum(row) for row in figures["confusion"]["matrix"]) == n_test
+    # The cost follows its definition from the verdict counts.
+    v = figures["verdicts"]
+    expected = (100 * v["poisonous"]["EDIBLE"] + v["edible"]["POISONOUS"] + v["edible"]["UNSURE"]) / figures["n"]
+    assert figures["cost"] == pytest.approx(expected)
+    assert (tmp_path / "rep" / "report.md").read_text().startswith("# Evaluation of test-shapes 1")
+    assert (tmp_path / "rep" / "confusion.png").stat().st_size > 1000
+
+
+def test_evaluate_data_dir_lists_undecodable_photos(chain):
+    result = invoke("evaluate", chain["bundle"], chain["data"], "--json")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert [s["path"] for s in figures["skipped"]] == [str(chain["data"] / chain["trouble"]["corrupt"])]
+    n_files = sum(1 for p in chain["data"].rglob("*.jpg"))
+    assert figures["n"] == n_files - 1
+    table = invoke("evaluate", chain["bundle"], chain["data"])
+    assert "poisonous answered EDIBLE" in table.stdout and "edible coverage" in table.stdout
+
+
+def test_evaluate_refuses_unknown_classes(chain, tmp_path):
+    data = make_dataset(tmp_path / "other", per_class=2)
+    (data / "red_circle").rename(data / "purple_star")
+    result = invoke("evaluate", chain["bundle"], data)
+    assert result.exit_code == 1 and "purple_star" in error_line(result)
+
+
+def test_evaluate_runs_the_device_classifier(chain, monkeypatch):
+    """evaluate's figures come from device.classifier.Classifier, not Keras."""
+    import device.classifier as dc
+
+    calls = []
+    real = dc.Classifier.classify
+
+    def spy(self, image):
+        calls.append(Path(image))
+        return real(self, image)
+
+    monkeypatch.setattr(dc.Classifier, "classify", spy)
+    result = invoke("evaluate", chain["bundle"], chain["work"], "--split", "val", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(calls) == json.loads(result.stdout)["n"] > 0
+
+
+def test_training_pixels_are_the_devices(chain, monkeypatch):
+    """Train's loader calls device.preprocess, and its float input quantizes to exactly the device's tensor."""
+    from train.dataset import Manifest, load_rgb_arrays
+    from train.fit import training_input_spec
+    from train.model_spec import get_spec
+
+    manifest = Manifest.load(chain["work"])
+    records = manifest.records("val")[:4]
+    spec = training_input_spec(get_spec("mobilenet_v2"), 32)
+    calls = []
+    real = dp.prepare_rgb
+    monkeypatch.setattr(dp, "prepare_rgb", lambda image, s: calls.append(image) or real(image, s))
+    x, _ = load_rgb_arrays(manifest, records, spec)
+    assert calls == [manifest.abspath(r) for r in records]
+    bundle = load_bundle(chain["bundle"])
+    for xi, r in zip(x, records):
+        trained_on = dp.normalize(xi, spec)  # what fit/export feed the Keras model
+        tensor = dp.preprocess(manifest.abspath(r).read_bytes(), bundle.input)  # what the Pi feeds the int8 model
+        assert np.array_equal(dp.quantize(trained_on, bundle.input)[None], tensor)
+
+
+def test_fit_batches_normalize_with_the_device_function(monkeypatch):
+    from train._tf import import_keras
+    from train.fit import _batches, training_input_spec
+    from train.model_spec import get_spec
+
+    _, keras = import_keras()
+    spec = training_input_spec(get_spec("mobilenet_v2"), 32)
+    seen = []
+    real = dp.normalize
+    monkeypatch.setattr(dp, "normalize", lambda rgb, s: seen.append(rgb.shape) or real(rgb, s))
+    x = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    xb, yb = _batches(keras, x, np.arange(5), None, spec, 4, False, 0)[0]
+    assert seen == [(4, 32, 32, 3)]
+    assert np.array_equal(xb, real(x[:4], spec)) and list(yb) == [0, 1, 2, 3]
+
+
+FAKE_COMPILER = r"""#!/bin/bash
+# A stand-in for Coral's edgetpu_compiler: same arguments, same outputs, no compilation.
+out=.
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -o|--out_dir) out="$2"; shift 2 ;;
+    -s|--show_operations) shift ;;
+    *) in="$1"; shift ;;
+  esac
+done
+base=$(basename "$in" .tflite)
+cp "$in" "$out/${base}_edgetpu.tflite"
+cat > "$out/${base}_edgetpu.log" <<EOF
+Edge TPU Compiler version 16.0.384591198
+Input: $in
+Output: $out/${base}_edgetpu.tflite
+
+Operator                       Count      Status
+
+ADD                            10         Mapped to Edge TPU
+CONV_2D                        36         Mapped to Edge TPU
+DEPTHWISE_CONV_2D              17         Mapped to Edge TPU
+MEAN                           1          Operation is otherwise supported, but not mapped due to some unspecified limitation
+FULLY_CONNECTED                1          More than one subgraph is not supported
+QUANTIZE                       2          Mapped to Edge TPU
+EOF
+cat <<EOF
+Edge TPU Compiler version 16.0.384591198
+Started a compilation timeout timer of 180 seconds.
+
+Model compiled successfully in 321 ms.
+
+Input model: $in
+Output model: $out/${base}_edgetpu.tflite
+Operation log: $out/${base}_edgetpu.log
+
+Model successfully compiled but not all operations are supported by the Edge TPU. A percentage of the model will instead run on the CPU, which is slower. If possible, consider updating your model to use only operations supported by the Edge TPU. For details, visit g.co/coral/model-reqs.
+Number of operations that will run on Edge TPU: 65
+Number of operations that will run on CPU: 2
+
+Operator                       Count      Status
+
+MEAN                           1          Operation is otherwise supported, but not mapped due to some unspecified limitation
+FULLY_CONNECTED                1          More than one subgraph is not supported
+Compilation child process completed within timeout period.
+Compilation succeeded!
+EOF
+"""
+
+
+def test_edgetpu_with_a_fake_compiler_adds_the_model_and_reports_cpu_ops(chain, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "edgetpu_compiler"
+    fake.write_text(FAKE_COMPILER)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(chain["bundle"], bundle)
+    result = invoke("edgetpu", bundle)
+    assert result.exit_code == 0, result.output
+    assert "65 operations on the Edge TPU, 2 on the CPU" in result.stdout
+    assert "MEAN x1" in result.stdout and "FULLY_CONNECTED x1" in result.stdout
+    loaded = load_bundle(bundle)
+    assert loaded.edgetpu_path == bundle / "model_edgetpu.tflite" and loaded.edgetpu_path.is_file()
+    section = loaded.card["edgetpu"]
+    assert section["compiler_version"] == "16.0.384591198"
+    assert section["ops_on_cpu"] == 2 and section["ops_on_edgetpu"] == 65
+    assert {o["op"] for o in section["cpu_ops"]} == {"MEAN", "FULLY_CONNECTED"}
+    assert "model_edgetpu.tflite" in loaded.card["files"]
+
+
+def test_edgetpu_without_the_compiler_says_how_to_get_it(chain, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    before = tree_digest(chain["bundle"])
+    result = invoke("edgetpu", chain["bundle"])
+    assert result.exit_code == 1
+    assert error_line(result) + "\n" == (
+        "error: edgetpu_compiler not found: install it from Coral's apt repository (x86-64 Linux only), "
+        "or skip this step\n"
+    )
+    assert tree_digest(chain["bundle"]) == before
+
+
+def test_fit_errors_are_one_line(chain, tmp_path):
+    result = invoke("fit", chain["work"], "--weights", tmp_path / "missing.weights.h5", "--size", "32")
+    assert result.exit_code == 1 and "no such file" in error_line(result)
+    result = invoke("fit", chain["work"], "--weights", "none", "--backbone", "resnet")
+    assert result.exit_code == 1
+    assert "mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large" in error_line(result)
+
+
+def test_imagenet_without_network_says_pass_weights_path(monkeypatch):
+    from keras.src.applications import mobilenet_v2
+
+    from device.errors import ConfigError
+    from train.model_spec import get_spec
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://example.invalid/w.h5: None -- [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(mobilenet_v2.file_utils, "get_file", offline)
+    with pytest.raises(ConfigError, match="no network: .*pass --weights PATH"):
+        get_spec("mobilenet_v2").build_backbone(32, 0.35, "imagenet")
+
+
+def test_weights_file_of_another_backbone_is_refused(tmp_path):
+    from device.errors import ConfigError
+    from train._tf import import_keras
+    from train.model_spec import get_spec
+
+    _, keras = import_keras()
+    path = tmp_path / "small.weights.h5"
+    keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, include_top=False, weights=None).save_weights(path)
+    with pytest.raises(ConfigError, match="does not fit mobilenet_v2 alpha 0.5"):
+        get_spec("mobilenet_v2").build_backbone(32, 0.5, str(path))
+    assert get_spec("mobilenet_v2").build_backbone(32, 0.35, str(path)).output_shape == (None, 1280)

@@ -1,0 +1,184 @@
+"""`mushcam-train`: photos -> int8 TFLite model bundle, in five steps.
+
+    mushcam-train prepare DATA_DIR --out WORK     scan, de-duplicate, split by duplicate group
+    mushcam-train fit WORK --weights ...          transfer learning (Keras 3)
+    mushcam-train export WORK --out BUNDLE        int8 TFLite + card, gated on accuracy loss
+    mushcam-train evaluate BUNDLE DATA_DIR|WORK   the bundle through the device's own code path
+    mushcam-train edgetpu BUNDLE                  optional: compile for a Coral Edge TPU
+
+TensorFlow is imported only by the commands that need it, so --help and prepare start quickly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+
+from device.errors import MushcamError
+from train import console
+from train.hparams import HParams
+
+_HP = HParams()  # the CLI's defaults are the documented dataclass's
+
+app = typer.Typer(
+    name="mushcam-train",
+    help=__doc__.split("\n\n")[0],
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    """Turn our errors into one `error: ...` line on stderr and exit code 1 (usage errors stay 2)."""
+    try:
+        yield
+    except MushcamError as e:
+        sys.stderr.write(f"error: {e}\n")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def prepare(
+    data_dir: Annotated[Path, typer.Argument(help="Folder-per-class photos with edibility.csv beside the class folders.",
+                                             exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="WORK dir: the manifest and all later outputs go here.")],
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    val: Annotated[float, typer.Option(help="Fraction of each class for validation.")] = 0.15,
+    test: Annotated[float, typer.Option(help="Fraction of each class for the test split.")] = 0.15,
+) -> None:
+    """Scan DATA_DIR: decode every image, group duplicates, split train/val/test by group, write WORK/manifest.json."""
+    from train import dataset, report
+
+    with _reported():
+        manifest = dataset.prepare(data_dir, out, seed=seed, val=val, test=test, track=console.track)
+        report.print_prepare(manifest, out)
+
+
+@app.command()
+def fit(
+    work: Annotated[Path, typer.Argument(help="WORK dir written by prepare.", exists=True, file_okay=False)],
+    weights: Annotated[str, typer.Option(help="Backbone init: imagenet (download), PATH to a .weights.h5, or none.")],
+    backbone: Annotated[str, typer.Option(help="mobilenet_v2, mobilenet_v3_small or mobilenet_v3_large.")] = _HP.backbone,
+    alpha: Annotated[float, typer.Option(help="Backbone width multiplier.")] = _HP.alpha,
+    size: Annotated[Optional[int], typer.Option(help="Square input size in pixels (default: the backbone's, 224).")] = None,
+    epochs: Annotated[int, typer.Option(help="Max epochs of stage 1 (head on cached features).")] = _HP.epochs,
+    fine_tune_epochs: Annotated[int, typer.Option(help="Max epochs of stage 2 (fine-tune the top of the backbone; 0 skips).")] = _HP.fine_tune_epochs,
+    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = _HP.batch_size,
+    feature_copies: Annotated[int, typer.Option(help="Stage 1: cached feature copies per image (1 clean + n-1 augmented).")] = _HP.feature_copies,
+    fine_tune_fraction: Annotated[float, typer.Option(help="Stage 2: fraction of the backbone's layers (from the top) trained.")] = _HP.fine_tune_fraction,
+    seed: Annotated[int, typer.Option(help="Random seed (Python, NumPy, Keras).")] = _HP.seed,
+) -> None:
+    """Train a classifier on WORK's manifest; writes WORK/model.keras (best on val), fit.json and curves.png."""
+    with _reported():
+        from train.fit import fit as run_fit
+
+        hp = HParams(
+            backbone=backbone, alpha=alpha, size=size, weights=weights, epochs=epochs,
+            fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, feature_copies=feature_copies,
+            fine_tune_fraction=fine_tune_fraction, seed=seed,
+        )
+        result = run_fit(work, hp)
+        console.out.print(
+            f"best: {result.best_stage} epoch {result.best_epoch}, val loss {result.val_loss:.4f}, "
+            f"val top-1 {result.val_accuracy:.3f} -> {result.model_path} ({result.seconds:.0f} s)"
+        )
+        console.out.print(f"curves: {result.curves_path}")
+
+
+@app.command()
+def export(
+    work: Annotated[Path, typer.Argument(help="WORK dir with a trained model (fit).", exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="BUNDLE dir to write (replaced only when the new one is complete).")],
+    calibration: Annotated[int, typer.Option(help="Training images used to calibrate the int8 quantization.")] = 400,
+    max_drop: Annotated[float, typer.Option(help="Refuse if int8 val top-1 is more than this many points below float.")] = 1.0,
+    force: Annotated[bool, typer.Option("--force", help="Write the bundle even if a gate refuses it (says so).")] = False,
+    name: Annotated[Optional[str], typer.Option(help="Bundle name in the card (default mushcam-<backbone>-<n>sp).")] = None,
+    version: Annotated[Optional[str], typer.Option(help="Bundle version in the card (default: UTC date and time).")] = None,
+    samples: Annotated[int, typer.Option(help="Sample photos per class for `mushcam selftest`.")] = 3,
+    max_poison_edible: Annotated[float, typer.Option(help="Calibration target: fraction of poisonous val photos answered EDIBLE.")] = 0.005,
+    min_edible_confidence: Annotated[float, typer.Option(help="Floor of the calibrated edible_min_confidence.")] = 0.9,
+) -> None:
+    """Quantize WORK/model.keras to an int8 bundle, gate it on val accuracy, calibrate thresholds, write BUNDLE."""
+    from train.export import ExportOptions, export as run_export
+
+    with _reported():
+        result = run_export(work, ExportOptions(
+            out=out, calibration=calibration, max_drop=max_drop, force=force, name=name, version=version,
+            samples=samples, max_poison_edible=max_poison_edible, min_edible_confidence=min_edible_confidence,
+        ))
+        th, v = result.thresholds, result.val
+        console.out.print(
+            f"val top-1: float {result.float_top1:.4f}, int8 {result.int8_top1:.4f}; "
+            f"edible_min_confidence {th['edible_min_confidence']:.4f}, ood_max_score {th.get('ood_max_score') or 0:.3f}"
+        )
+        console.out.print(
+            f"val safety: poisonous answered EDIBLE {v['poisonous_as_edible']:.2%}, edible coverage "
+            f"{v['edible_coverage']:.2%}, UNSURE {v['unsure_rate']:.2%}, cost {v['cost']:.3f}"
+        )
+        console.out.print(f"bundle: {result.path} ({result.seconds:.0f} s)")
+
+
+@app.command()
+def evaluate(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle directory (export).", exists=True, file_okay=False)],
+    source: Annotated[Path, typer.Argument(help="A WORK dir (uses --split) or a folder-per-class DATA_DIR (every image).",
+                                           exists=True, file_okay=False)],
+    split: Annotated[str, typer.Option(help="Split of a WORK dir's manifest: train, val or test.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (and nothing else) on stdout.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Write report.md and plots into this folder.")] = None,
+) -> None:
+    """Run BUNDLE through the device's classifier on photos: top-1, per class, and the safety table."""
+    import json
+
+    from train import evaluate as ev
+
+    with _reported():
+        if split not in ("train", "val", "test"):
+            raise typer.BadParameter(f"{split!r} is not one of train, val, test", param_hint="--split")
+        result = ev.evaluate(bundle, source, split, threads=os.cpu_count())
+        if report is not None:
+            path = ev.write_report(result, report)
+            console.note(f"report: {path}")
+        if as_json:
+            sys.stdout.write(json.dumps(ev.public(result), indent=2) + "\n")
+        else:
+            ev.print_result(result)
+
+
+@app.command()
+def edgetpu(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle directory (export).", exists=True, file_okay=False)],
+) -> None:
+    """Compile BUNDLE's model for a Coral Edge TPU (edgetpu_compiler) and add it to the bundle and card."""
+    from train.edgetpu import compile_bundle
+
+    with _reported():
+        rep = compile_bundle(bundle)
+        console.out.print(f"compiled with edgetpu_compiler {rep.version or '(unknown version)'}: "
+                          f"{rep.ops_on_tpu if rep.ops_on_tpu is not None else '?'} operations on the Edge TPU, "
+                          f"{rep.ops_on_cpu if rep.ops_on_cpu is not None else '?'} on the CPU")
+        for op in rep.cpu_ops:
+            console.out.print(f"  on CPU: {op['op']} x{op['count']}: {op['reason']}", markup=False)
+        if (Path(bundle) / "model.json.sig").exists():
+            console.warn("model.json changed, so model.json.sig no longer matches: sign the bundle again")
+        console.out.print(f"added {Path(bundle) / 'model_edgetpu.tflite'}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

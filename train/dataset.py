@@ -1,0 +1,389 @@
+"""`prepare`: scan a folder-per-class photo set, find duplicates, split by duplicate group, write a manifest.
+
+Layout read::
+
+    DATA_DIR/
+      edibility.csv            class,edibility[,common_name]  (edibility: edible | poisonous)
+      <class>/*.jpg|png|...    one folder per class; the folder name is the label
+
+What `prepare` does, in order:
+
+1. decodes every file fully with device.preprocess.load_image (the device's decoder); a corrupt or
+   unsupported file is listed by path and skipped;
+2. hashes each image: sha256 of the file's bytes (exact duplicates) and a 64-bit perceptual hash
+   (imagehash.phash of the decoded image) for near-duplicates (Hamming distance <= 4);
+3. unites exact and near duplicates into groups (union-find);
+4. drops every group that spans two classes (the same photo filed under two labels is label noise), and
+   keeps one file of each set of byte-identical copies within a class (the copies add nothing);
+5. splits train/val/test by GROUP, stratified per class and seeded, so no photograph (or a re-crop of it)
+   sits on both sides of a split and inflates validation accuracy;
+6. writes WORK/manifest.json. No image is copied: paths in the manifest are RELATIVE to `data_dir`, which
+   is stored as an absolute path (move the photos, then edit `data_dir` or re-run prepare).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import zlib
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from device.errors import DataError, ImageError
+
+FORMAT = "mushcam-manifest/1"
+MANIFEST = "manifest.json"
+EDIBILITY_CSV = "edibility.csv"
+EDIBILITY = ("edible", "poisonous")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+SPLITS = ("train", "val", "test")
+NEAR_DUPLICATE_BITS = 4  # pHash Hamming distance treated as "the same photograph"
+MIN_IMAGES_PER_CLASS = 2
+
+Track = Callable[[Sequence, str], Iterable]
+
+
+def _no_progress(items: Sequence, description: str) -> Iterable:
+    return items
+
+
+@dataclass
+class ImageRecord:
+    """One usable image: where it is, its label, its hashes, its duplicate group and its split."""
+
+    path: str  # relative to the manifest's data_dir, POSIX separators
+    label: str
+    sha256: str
+    phash: str  # 16 hex digits
+    group: int = -1
+    split: str = ""
+
+
+@dataclass
+class Manifest:
+    """The result of `prepare`, stored as WORK/manifest.json and read by fit, export and evaluate."""
+
+    data_dir: Path
+    labels: list[str]
+    classes: dict[str, dict]  # label -> {"edibility": ..., "display_name": ...}
+    images: list[ImageRecord]
+    seed: int = 0
+    val: float = 0.15
+    test: float = 0.15
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}: corrupt or unsupported
+    dropped: list[dict] = field(default_factory=list)  # {"path", "label", "reason"}: cross-class duplicates
+    copies: list[dict] = field(default_factory=list)  # {"path", "label", "same_as"}: byte-identical copies
+    created: str = ""
+
+    def records(self, split: str | None = None) -> list[ImageRecord]:
+        """Images of one split (or all), in manifest order."""
+        return [r for r in self.images if split is None or r.split == split]
+
+    def abspath(self, record: ImageRecord) -> Path:
+        return self.data_dir / record.path
+
+    def label_index(self, record: ImageRecord) -> int:
+        return self.labels.index(record.label)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """label -> split -> number of images."""
+        table = {lab: {s: 0 for s in SPLITS} for lab in self.labels}
+        for r in self.images:
+            table[r.label][r.split] += 1
+        return table
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "created": self.created,
+            "data_dir": str(self.data_dir),
+            "paths": "relative to data_dir",
+            "seed": self.seed,
+            "val": self.val,
+            "test": self.test,
+            "labels": self.labels,
+            "classes": self.classes,
+            "counts": self.counts(),
+            "images": [asdict(r) for r in self.images],
+            "skipped": self.skipped,
+            "dropped": self.dropped,
+            "copies": self.copies,
+        }
+
+    def save(self, work: Path) -> Path:
+        """Write WORK/manifest.json atomically."""
+        from device.bundle import write_json_atomic
+
+        work = Path(work)
+        work.mkdir(parents=True, exist_ok=True)
+        path = work / MANIFEST
+        write_json_atomic(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, work: Path) -> "Manifest":
+        """Read WORK/manifest.json; DataError with the fix when it is missing or not ours."""
+        path = Path(work) / MANIFEST
+        if not path.is_file():
+            raise DataError(f"{work}: no {MANIFEST}; run `mushcam-train prepare DATA_DIR --out {work}` first")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: not valid JSON ({e}); re-run mushcam-train prepare") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise DataError(f"{path}: not a {FORMAT} manifest; re-run mushcam-train prepare")
+        images = [ImageRecord(**r) for r in d["images"]]
+        return cls(
+            Path(d["data_dir"]), list(d["labels"]), dict(d["classes"]), images, int(d.get("seed", 0)),
+            float(d.get("val", 0.15)), float(d.get("test", 0.15)), list(d.get("skipped", [])),
+            list(d.get("dropped", [])), list(d.get("copies", [])), str(d.get("created", "")),
+        )
+
+
+def read_edibility(data_dir: Path, labels: Sequence[str]) -> dict[str, dict]:
+    """Read DATA_DIR/edibility.csv into label -> {edibility, display_name}; every label needs a row."""
+    path = Path(data_dir) / EDIBILITY_CSV
+    if not path.is_file():
+        raise DataError(
+            f"{path}: missing; write a CSV with columns class,edibility[,common_name] "
+            f"(edibility: edible or poisonous) with one row per class folder"
+        )
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if not rows or "class" not in rows[0] or "edibility" not in rows[0]:
+        raise DataError(f"{path}: needs a header with columns class,edibility[,common_name]")
+    table: dict[str, dict] = {}
+    for line, row in enumerate(rows, start=2):
+        name = (row.get("class") or "").strip()
+        if not name:
+            continue
+        edibility = (row.get("edibility") or "").strip().lower()
+        if edibility not in EDIBILITY:
+            raise DataError(f"{path}:{line}: class {name!r} has edibility {edibility!r}; use edible or poisonous")
+        display = (row.get("common_name") or "").strip() or name
+        table[name] = {"edibility": edibility, "display_name": display}
+    missing = [lab for lab in labels if lab not in table]
+    if missing:
+        raise DataError(
+            f"{path}: no edibility for class {', '.join(repr(m) for m in missing)}; "
+            "add a row `class,edibility` (edible or poisonous) for it"
+        )
+    return {lab: table[lab] for lab in labels}
+
+
+def class_folders(data_dir: Path) -> list[Path]:
+    """The class folders of a folder-per-class data set (sorted; hidden folders ignored)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: no such data folder")
+    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"{data_dir}: no class folders; expected {data_dir}/<class>/*.jpg and {EDIBILITY_CSV}")
+    return folders
+
+
+def list_files(folder: Path) -> list[Path]:
+    """Every non-hidden file under a class folder (recursively), sorted."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _phash(rgb: np.ndarray) -> int:
+    import imagehash
+    from PIL import Image
+
+    return int(str(imagehash.phash(Image.fromarray(rgb))), 16)
+
+
+def scan(data_dir: Path, labels: Sequence[str], track: Track = _no_progress) -> tuple[list[ImageRecord], list[dict]]:
+    """Decode and hash every file of every class; return (usable images, skipped files with reasons)."""
+    from device.preprocess import load_image
+
+    data_dir = Path(data_dir)
+    jobs = [(lab, p) for lab in labels for p in list_files(data_dir / lab)]
+    records: list[ImageRecord] = []
+    skipped: list[dict] = []
+    for label, path in track(jobs, "scanning"):
+        rel = path.relative_to(data_dir).as_posix()
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append({"path": rel, "reason": f"unsupported file type {path.suffix or '(none)'}"})
+            continue
+        try:
+            data = path.read_bytes()
+            rgb = load_image(data)  # full decode: a truncated file fails here
+        except ImageError as e:
+            reason = str(e).removeprefix("<bytes>: ")
+            skipped.append({"path": rel, "reason": reason})
+            continue
+        except OSError as e:
+            skipped.append({"path": rel, "reason": f"cannot read ({e.strerror or e})"})
+            continue
+        records.append(ImageRecord(rel, label, hashlib.sha256(data).hexdigest(), f"{_phash(rgb):016x}"))
+    return records, skipped
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def group_duplicates(records: list[ImageRecord], max_bits: int = NEAR_DUPLICATE_BITS) -> list[int]:
+    """Group ids (0..k-1, in order of first appearance) uniting exact (sha256) and near (pHash) duplicates."""
+    n = len(records)
+    uf = _UnionFind(n)
+    first_by_sha: dict[str, int] = {}
+    for i, r in enumerate(records):
+        if r.sha256 in first_by_sha:
+            uf.union(first_by_sha[r.sha256], i)
+        else:
+            first_by_sha[r.sha256] = i
+    hashes = np.array([int(r.phash, 16) for r in records], dtype=np.uint64)
+    for i in range(n - 1):
+        # One vectorised row of the pairwise Hamming matrix at a time: O(n^2) bit ops, no n x n array.
+        dist = np.bitwise_count(hashes[i + 1:] ^ hashes[i])
+        for j in np.nonzero(dist <= max_bits)[0]:
+            uf.union(i, i + 1 + int(j))
+    roots: dict[int, int] = {}
+    return [roots.setdefault(uf.find(i), len(roots)) for i in range(n)]
+
+
+def _resolve_duplicates(records: list[ImageRecord]) -> tuple[list[ImageRecord], list[dict], list[dict]]:
+    """Drop cross-class groups whole; keep one file per set of byte-identical copies in a class."""
+    by_group: dict[int, list[ImageRecord]] = {}
+    for r in records:
+        by_group.setdefault(r.group, []).append(r)
+    kept: list[ImageRecord] = []
+    dropped: list[dict] = []
+    copies: list[dict] = []
+    for members in by_group.values():
+        labels = sorted({m.label for m in members})
+        if len(labels) > 1:
+            for m in members:
+                dropped.append({
+                    "path": m.path, "label": m.label,
+                    "reason": f"same or near-identical photo filed under {' and '.join(labels)}",
+                })
+            continue
+        seen: dict[str, str] = {}
+        for m in members:
+            if m.sha256 in seen:
+                copies.append({"path": m.path, "label": m.label, "same_as": seen[m.sha256]})
+            else:
+                seen[m.sha256] = m.path
+                kept.append(m)
+    kept.sort(key=lambda r: (r.label, r.path))
+    dropped.sort(key=lambda d: d["path"])
+    return kept, dropped, copies
+
+
+def split_groups(records: list[ImageRecord], labels: Sequence[str], seed: int, val: float, test: float) -> None:
+    """Assign each record's `split`, by group, stratified per class, deterministic for a seed.
+
+    Per class, the groups are shuffled (the generator is seeded with the seed and the class name, so adding
+    a class never reshuffles the others) and each group goes to the split furthest below its target count.
+    """
+    fractions = {"train": 1.0 - val - test, "val": val, "test": test}
+    for label in labels:
+        groups: dict[int, list[ImageRecord]] = {}
+        for r in records:
+            if r.label == label:
+                groups.setdefault(r.group, []).append(r)
+        order = sorted(groups)
+        rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
+        rng.shuffle(order)
+        n = sum(len(g) for g in groups.values())
+        have = {s: 0 for s in SPLITS}
+        for gid in order:
+            # Ties go to the rarer splits first so tiny classes still get a validation image.
+            split = max(("val", "test", "train"), key=lambda s: fractions[s] * n - have[s] if fractions[s] > 0 else -1e9)
+            for r in groups[gid]:
+                r.split = split
+            have[split] += len(groups[gid])
+
+
+def prepare(
+    data_dir: Path, work: Path, seed: int = 0, val: float = 0.15, test: float = 0.15, track: Track = _no_progress
+) -> Manifest:
+    """Scan DATA_DIR, group duplicates, split, and write WORK/manifest.json; return the manifest."""
+    if not (0.0 <= val < 1.0 and 0.0 <= test < 1.0 and val + test < 1.0):
+        raise DataError(f"--val {val} and --test {test} must each be in [0, 1) and sum to less than 1")
+    data_dir = Path(data_dir).resolve()
+    labels = [p.name for p in class_folders(data_dir)]
+    classes = read_edibility(data_dir, labels)  # fail before the slow scan
+    records, skipped = scan(data_dir, labels, track)
+    for r, gid in zip(records, group_duplicates(records)):
+        r.group = gid
+    kept, dropped, copies = _resolve_duplicates(records)
+    counts = {lab: 0 for lab in labels}
+    for r in kept:
+        counts[r.label] += 1
+    if not kept:
+        raise DataError(f"{data_dir}: no usable images in any class folder")
+    short = [f"{lab} ({n})" for lab, n in counts.items() if n < MIN_IMAGES_PER_CLASS]
+    if short:
+        raise DataError(
+            f"{data_dir}: too few usable images in class {', '.join(short)}; each class needs at least "
+            f"{MIN_IMAGES_PER_CLASS} (add photos or remove the folder)"
+        )
+    if len(labels) < 2:
+        raise DataError(f"{data_dir}: only one class ({labels[0]}); a classifier needs at least 2 class folders")
+    # Renumber groups densely after dropping, in manifest order, so group ids are stable for a data set.
+    renumber: dict[int, int] = {}
+    for r in kept:
+        r.group = renumber.setdefault(r.group, len(renumber))
+    split_groups(kept, labels, seed, val, test)
+    manifest = Manifest(
+        data_dir, labels, classes, kept, seed, val, test, skipped, dropped, copies,
+        datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    manifest.save(work)
+    return manifest
+
+
+def load_rgb_arrays(
+    manifest: Manifest, records: Sequence[ImageRecord], spec, track: Track = _no_progress, description: str = "loading"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and resize images with the DEVICE's code (device.preprocess.prepare_rgb).
+
+    Returns (uint8 array (n, h, w, 3), int64 label indices). Training, calibration and evaluation all read
+    pixels through here, so the model learns from exactly the pixels the Pi will feed it.
+    """
+    from device import preprocess as dp
+
+    h, w = spec.size
+    x = np.empty((len(records), h, w, 3), dtype=np.uint8)
+    y = np.empty(len(records), dtype=np.int64)
+    for i, r in enumerate(track(records, description)):
+        path = manifest.abspath(r)
+        try:
+            x[i] = dp.prepare_rgb(path, spec)
+        except ImageError as e:
+            raise DataError(f"{e}; the data changed since prepare: re-run mushcam-train prepare") from None
+        y[i] = manifest.label_index(r)
+    return x, y
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a small file (the manifest, for the model card)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,254 @@
+"""`evaluate`: an exported bundle, run through the DEVICE's code path (device.classifier), never Keras.
+
+Source of photos: a WORK dir (its manifest's --split, default test) or a folder-per-class DATA_DIR
+(every image; class folders must be labels of the bundle). True edibility comes from the bundle's card.
+
+Figures (all per photo):
+- top1: fraction whose top label is the true class;
+- per_class: precision, recall, F1 and support of each label;
+- poisonous_as_edible: fraction of poisonous photos answered EDIBLE (the number that must stay ~0);
+- edible_coverage: fraction of edible photos answered EDIBLE;
+- unsure_rate: fraction of all photos answered UNSURE;
+- cost: FungiCLEF-style mean cost per photo, 100 for each poisonous photo answered EDIBLE and 1 for
+  each edible photo not answered EDIBLE (UNSURE or POISONOUS).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from device.errors import DataError, ImageError
+from train import console
+from train.dataset import IMAGE_SUFFIXES, MANIFEST, Manifest, class_folders, list_files
+from train.metrics import safety_figures
+
+VERDICTS = ("EDIBLE", "POISONOUS", "UNSURE")
+
+
+def collect(source: Path, labels: list[str], split: str) -> tuple[list[tuple[Path, str]], str]:
+    """(path, true label) pairs from a WORK dir's manifest split or a folder-per-class DATA_DIR."""
+    source = Path(source)
+    if (source / MANIFEST).is_file():
+        manifest = Manifest.load(source)
+        items = [(manifest.abspath(r), r.label) for r in manifest.records(split)]
+        if not items:
+            raise DataError(f"{source}: the manifest has no images in split {split!r} (try --split val)")
+        where = f"{source} ({split} split)"
+    else:
+        folders = class_folders(source)
+        unknown = [f.name for f in folders if f.name not in labels]
+        if unknown:
+            raise DataError(
+                f"{source}: class folder(s) {', '.join(unknown)} are not labels of the bundle "
+                f"({', '.join(labels)}); evaluate only species the model knows"
+            )
+        items = [(p, f.name) for f in folders for p in list_files(f) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not items:
+            raise DataError(f"{source}: no images in the class folders")
+        where = f"{source} (all images)"
+    missing = sorted({lab for _, lab in items} - set(labels))
+    if missing:
+        raise DataError(f"{source}: label(s) {', '.join(missing)} are not in the bundle; it was trained on other classes")
+    return items, where
+
+
+def per_class_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict[str, dict]:
+    """Precision, recall, F1 and support of each label (0 where undefined)."""
+    out = {}
+    for i, lab in enumerate(labels):
+        tp = int(np.sum((y_pred == i) & (y_true == i)))
+        fp = int(np.sum((y_pred == i) & (y_true != i)))
+        fn = int(np.sum((y_pred != i) & (y_true == i)))
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        out[lab] = {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
+                    "support": int(np.sum(y_true == i))}
+    return out
+
+
+def evaluate(bundle_path: Path, source: Path, split: str = "test", threads: int | None = None) -> dict:
+    """Classify every photo of `source` with the bundle on the device's code path; return the figures."""
+    from device.bundle import load_bundle
+    from device.classifier import Classifier
+
+    bundle = load_bundle(bundle_path)
+    labels = list(bundle.labels)
+    items, where = collect(source, labels, split)
+    classifier = Classifier(bundle, backend="cpu", threads=threads)
+    y_true, y_pred, verdicts, confidences, oods, latencies, skipped = [], [], [], [], [], [], []
+    t0 = time.perf_counter()
+    for path, label in console.track(items, "evaluating (device)"):
+        try:
+            result = classifier.classify(path)
+        except ImageError as e:
+            skipped.append({"path": str(path), "reason": str(e)})
+            continue
+        y_true.append(labels.index(label))
+        y_pred.append(int(np.argmax(result.probs)))
+        verdicts.append(str(getattr(result.decision.verdict, "value", result.decision.verdict)))
+        confidences.append(float(np.max(result.probs)))
+        oods.append(result.ood_score)
+        latencies.append(result.latency_ms)
+    if not y_true:
+        raise DataError(f"{where}: no photo could be decoded")
+    yt, yp = np.array(y_true), np.array(y_pred)
+    poison = np.array([bundle.classes[lab].edibility == "poisonous" for lab in labels], dtype=bool)
+    safety = safety_figures(verdicts, yt, poison)
+    confusion = np.zeros((len(labels), len(labels)), dtype=int)
+    for t, p in zip(yt, yp):
+        confusion[t, p] += 1
+    by_edibility = {e: {v: 0 for v in VERDICTS} for e in ("edible", "poisonous")}
+    for t, v in zip(yt, verdicts):
+        by_edibility["poisonous" if poison[t] else "edible"][v] += 1
+    return {
+        "bundle": {"path": str(bundle.path), "name": bundle.card.get("name"), "version": bundle.card.get("version")},
+        "source": where,
+        "n": len(yt),
+        "top1": float(np.mean(yt == yp)),
+        "poisonous_as_edible": safety["poisonous_as_edible"],
+        "poisonous_as_edible_count": safety["poisonous_as_edible_count"],
+        "edible_coverage": safety["edible_coverage"],
+        "unsure_rate": safety["unsure_rate"],
+        "cost": safety["cost"],
+        "poisonous": safety["poisonous"],
+        "edible": safety["edible"],
+        "verdicts": by_edibility,
+        "per_class": per_class_metrics(yt, yp, labels),
+        "confusion": {"labels": labels, "matrix": confusion.tolist()},
+        "latency_ms": {"mean": float(np.mean(latencies)), "p95": float(np.percentile(latencies, 95))},
+        "seconds": time.perf_counter() - t0,
+        "thresholds": dict(bundle.card.get("thresholds") or {}),
+        "skipped": skipped,
+        "_records": {"y_true": yt.tolist(), "y_pred": yp.tolist(), "verdicts": verdicts,
+                     "confidence": confidences, "ood": oods},
+    }
+
+
+def plot_confusion(result: dict, path: Path) -> Path:
+    """The confusion matrix (rows: true class, columns: predicted) as a PNG with counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = result["confusion"]["labels"]
+    m = np.array(result["confusion"]["matrix"])
+    k = len(labels)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * k, 1.0 + 0.8 * k), dpi=100)
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(k), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = m.max() if m.size else 0
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if top and m[i, j] > top / 2 else "black")
+    ax.set_title(f"top-1 {result['top1']:.1%} on {result['n']} photos")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_confidence(result: dict, path: Path) -> Path:
+    """Histogram of top-1 confidence, correct vs wrong, with the bundle's edible threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rec = result["_records"]
+    conf = np.array(rec["confidence"])
+    ok = np.array(rec["y_true"]) == np.array(rec["y_pred"])
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    bins = np.linspace(0, 1, 21)
+    ax.hist([conf[ok], conf[~ok]], bins=bins, label=["correct", "wrong"], stacked=True)
+    t = result["thresholds"].get("edible_min_confidence")
+    if t is not None:
+        ax.axvline(t, color="red", ls="--", label=f"edible_min_confidence {t:.3f}")
+    ax.set_xlabel("top-1 confidence")
+    ax.set_ylabel("photos")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(result: dict, folder: Path) -> Path:
+    """report.md with the summary, safety table, per-class table and the plots, in `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plot_confusion(result, folder / "confusion.png")
+    plot_confidence(result, folder / "confidence.png")
+    b = result["bundle"]
+    lines = [
+        f"# Evaluation of {b['name']} {b['version']}",
+        "",
+        f"Bundle `{b['path']}`, photos {result['source']}: {result['n']} photos "
+        f"({result['poisonous']} poisonous, {result['edible']} edible), run through device.classifier.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| top-1 | {result['top1']:.2%} |",
+        f"| poisonous answered EDIBLE | {result['poisonous_as_edible']:.2%} ({result['poisonous_as_edible_count']} of {result['poisonous']} photos) |",
+        f"| edible coverage (edible answered EDIBLE) | {result['edible_coverage']:.2%} |",
+        f"| UNSURE rate | {result['unsure_rate']:.2%} |",
+        f"| cost (100 per poisonous->EDIBLE, 1 per edible not EDIBLE; mean per photo) | {result['cost']:.3f} |",
+        f"| latency (mean / p95) | {result['latency_ms']['mean']:.1f} / {result['latency_ms']['p95']:.1f} ms |",
+        "",
+        "## Verdicts by true edibility",
+        "",
+        "| true | EDIBLE | POISONOUS | UNSURE |",
+        "|---|---|---|---|",
+    ]
+    for e, row in result["verdicts"].items():
+        lines.append(f"| {e} | {row['EDIBLE']} | {row['POISONOUS']} | {row['UNSURE']} |")
+    lines += ["", "## Per class", "", "| class | precision | recall | F1 | photos |", "|---|---|---|---|---|"]
+    for lab, m in result["per_class"].items():
+        lines.append(f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
+    lines += ["", "![confusion matrix](confusion.png)", "", "![confidence](confidence.png)", ""]
+    if result["skipped"]:
+        lines += ["## Skipped (not decodable)", ""] + [f"- `{s['path']}`: {s['reason']}" for s in result["skipped"]] + [""]
+    lines += [f"Thresholds: `{result['thresholds']}`", ""]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def public(result: dict) -> dict:
+    """The result without the per-photo records (what --json prints)."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def print_result(result: dict) -> None:
+    """Rich tables: summary and safety, then per class."""
+    from rich.table import Table
+
+    out = console.out
+    if result["skipped"]:
+        out.print(f"skipped {len(result['skipped'])} photo(s) that could not be decoded:")
+        for s in result["skipped"]:
+            out.print(f"  {s['reason']}", markup=False)
+    t = Table(title=f"{result['bundle']['name']} {result['bundle']['version']} on {result['source']}")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_row("photos", f"{result['n']} ({result['poisonous']} poisonous, {result['edible']} edible)")
+    t.add_row("top-1", f"{result['top1']:.2%}")
+    t.add_row("poisonous answered EDIBLE", f"{result['poisonous_as_edible']:.2%} ({result['poisonous_as_edible_count']})")
+    t.add_row("edible coverage", f"{result['edible_coverage']:.2%}")
+    t.add_row("UNSURE rate", f"{result['unsure_rate']:.2%}")
+    t.add_row("cost per photo", f"{result['cost']:.3f}")
+    t.add_row("latency mean / p95", f"{result['latency_ms']['mean']:.1f} / {result['latency_ms']['p95']:.1f} ms")
+    out.print(t)
+    pc = Table(title="per class")
+    for col in ("class", "precision", "recall", "F1", "photos"):
+        pc.add_column(col, justify="left" if col == "class" else "right", no_wrap=col == "class")
+    for lab, m in result["per_class"].items():
+        pc.add_row(lab, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    out.print(pc)
