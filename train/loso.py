@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +102,7 @@ def loso(work: Path, out: Path, hp: HParams, opts: ExportOptions, holdouts: list
         "answered_edible": sum(f["answered_edible"] for f in folds),
         "edible_rate": sum(f["answered_edible"] for f in folds) / max(1, total),
         "worst_fold_edible_rate": max(f["edible_rate"] for f in folds),
-        "hparams": hp.__dict__ if hasattr(hp, "__dict__") else str(hp),
+        "hparams": {k: str(v) for k, v in asdict(hp).items()},
     }
     write_json_atomic(Path(out) / "loso.json", summary)
     return summary
