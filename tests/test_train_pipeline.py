@@ -352,3 +352,36 @@ def test_weights_file_of_another_backbone_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="does not fit mobilenet_v2 alpha 0.5"):
         get_spec("mobilenet_v2").build_backbone(32, 0.5, str(path))
     assert get_spec("mobilenet_v2").build_backbone(32, 0.35, str(path)).output_shape == (None, 1280)
+
+
+def test_evaluate_record_stores_test_metrics_in_the_card(chain, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(chain["bundle"], bundle)
+    out = invoke("evaluate", bundle, chain["work"], "--split", "test", "--record", "--json")
+    assert out.exit_code == 0, out.output
+    card = json.loads((bundle / "model.json").read_text())
+    assert card["metrics"]["test"]["top1"] == json.loads(out.stdout)["top1"]
+    load_bundle(bundle)  # the card still validates; model hashes are untouched
+
+
+def test_loso_trains_without_each_poisonous_class_and_counts_edible_answers(chain, tmp_path):
+    manifest = json.loads((chain["work"] / "manifest.json").read_text())
+    poisonous = [c for c in manifest["labels"] if manifest["classes"][c]["edibility"] == "poisonous"]
+    out = invoke("loso", chain["work"], "--out", tmp_path / "loso", "--holdout", poisonous[0], "--weights", "none",
+                 "--size", "32", "--epochs", "1", "--fine-tune-epochs", "0", "--feature-copies", "1",
+                 "--calibration", "8")
+    assert out.exit_code == 0, out.output
+    summary = json.loads((tmp_path / "loso" / "loso.json").read_text())
+    (fold,) = summary["folds"]
+    held = [im for im in manifest["images"] if im["label"] == poisonous[0]]
+    assert fold["held_out"] == poisonous[0] and fold["photos"] == len(held)
+    assert fold["answered_edible"] + fold["answered_unsure"] + fold["answered_poisonous"] == len(held)
+    fold_bundle = load_bundle(tmp_path / "loso" / f"without-{poisonous[0]}" / "bundle")
+    assert poisonous[0] not in fold_bundle.labels and len(fold_bundle.labels) == len(manifest["labels"]) - 1
+    assert "answered EDIBLE" in out.stdout
+
+
+def test_loso_refuses_an_unknown_holdout(chain, tmp_path):
+    out = invoke("loso", chain["work"], "--out", tmp_path / "l", "--holdout", "no_such", "--weights", "none")
+    assert out.exit_code == 1
+    assert "no_such" in error_line(out)

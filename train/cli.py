@@ -138,6 +138,7 @@ def evaluate(
     split: Annotated[str, typer.Option(help="Split of a WORK dir's manifest: train, val or test.")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (and nothing else) on stdout.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Write report.md and plots into this folder.")] = None,
+    record: Annotated[bool, typer.Option("--record", help="Also store the figures in BUNDLE's model.json as metrics.<split>.")] = False,
 ) -> None:
     """Run BUNDLE through the device's classifier on photos: top-1, per class, and the safety table."""
     import json
@@ -151,6 +152,10 @@ def evaluate(
         if report is not None:
             path = ev.write_report(result, report)
             console.note(f"report: {path}")
+        if record:
+            ev.record_in_card(bundle, split, result)
+            if (Path(bundle) / "model.json.sig").exists():
+                console.warn("model.json changed, so model.json.sig no longer matches: sign the bundle again")
         if as_json:
             sys.stdout.write(json.dumps(ev.public(result), indent=2) + "\n")
         else:

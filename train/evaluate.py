@@ -15,11 +15,14 @@ Figures (all per photo):
 
 from __future__ import annotations
 
+import json
+
 import time
 from pathlib import Path
 
 import numpy as np
 
+from device.bundle import write_card
 from device.errors import DataError, ImageError
 from train import console
 from train.dataset import IMAGE_SUFFIXES, MANIFEST, Manifest, class_folders, list_files
@@ -71,7 +74,7 @@ def per_class_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str])
 
 def evaluate(bundle_path: Path, source: Path, split: str = "test", threads: int | None = None) -> dict:
     """Classify every photo of `source` with the bundle on the device's code path; return the figures."""
-    from device.bundle import load_bundle
+    from device.bundle import write_card, load_bundle
     from device.classifier import Classifier
 
     bundle = load_bundle(bundle_path)
@@ -224,6 +227,17 @@ def write_report(result: dict, folder: Path) -> Path:
 def public(result: dict) -> dict:
     """The result without the per-photo records (what --json prints)."""
     return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def record_in_card(bundle_path: Path, split: str, result: dict) -> None:
+    """Store the figures in the bundle's card as metrics.<split>: the card says how the model it ships scored.
+
+    The card is read as plain JSON and written back atomically; model files and their hashes are untouched.
+    """
+    card_path = Path(bundle_path) / "model.json"
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card.setdefault("metrics", {})[split] = public(result)
+    write_card(Path(bundle_path), card)
 
 
 def print_result(result: dict) -> None:
