@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -20,12 +21,15 @@ from pathlib import Path
 from device.bundle import Bundle, load_bundle, write_json_atomic
 from device.classifier import Classifier, Result
 from device.config import Config, load_config, with_overrides
-from device.errors import CameraError, ConfigError, MushcamError
+from device.errors import BundleError, CameraError, ConfigError, MushcamError
 from device.sdnotify import Notifier
 
 log = logging.getLogger("mushcam.daemon")
 
 EXIT_OK, EXIT_ERROR, EXIT_CAMERA = 0, 1, 3
+# Camera re-open back-off: quick at first (a loose cable), then every few seconds, never blocking the loop.
+CAMERA_BACKOFF_START, CAMERA_BACKOFF_MAX = 0.25, 4.0
+CHILD_SELFTEST_TIMEOUT_S = 120
 
 
 def is_raspberry_pi() -> bool:
@@ -54,6 +58,9 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.last_reload_error: str | None = None
+        self._camera_down_since: float | None = None
+        self._camera_next_try = 0.0
+        self._camera_backoff = CAMERA_BACKOFF_START
         self.presses_answered = 0
 
     # --- set-up -------------------------------------------------------------------------------
@@ -171,10 +178,30 @@ class Daemon:
                 "model": self.bundle.name, "model_version": self.bundle.version, "latency_ms": r.latency_ms,
                 "time": datetime.now(timezone.utc).isoformat()}
 
+    def validate_in_child(self, path: Path, command: list[str] | None = None) -> None:
+        """Self-test a bundle in a child process first: a damaged model can crash the TFLite runtime itself,
+        and that must cost the child, not the daemon that is serving the old model."""
+        cmd = command or [sys.executable, "-m", "device", "selftest", "--model", str(path)]
+        if command is None and self.cfg.require_signature:
+            cmd += ["--require-signature", "--allowed-signers", self.cfg.allowed_signers]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_SELFTEST_TIMEOUT_S,
+                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        except subprocess.TimeoutExpired:
+            raise BundleError(f"{path}: the self-test did not finish in {CHILD_SELFTEST_TIMEOUT_S} s") from None
+        if out.returncode < 0:
+            name = signal.Signals(-out.returncode).name
+            raise BundleError(f"{path}: the self-test crashed the TFLite runtime ({name}); the bundle is damaged")
+        if out.returncode != 0:
+            lines = out.stderr.strip().splitlines() or [f"exit code {out.returncode}"]
+            raise BundleError(lines[-1].removeprefix("mushcam: error: "))
+
     def reload(self) -> bool:
-        """SIGHUP: validate and self-test the bundle now at model_dir; keep the old one on any failure."""
+        """SIGHUP: validate and self-test the bundle now at model_dir (in a child process, then here);
+        keep the old one on any failure."""
         self.notifier.reloading()
         try:
+            self.validate_in_child(self.cfg.resolved_model_dir().resolve())
             bundle, clf = self.load_model()
         except MushcamError as e:
             self.last_reload_error = str(e)
@@ -228,14 +255,16 @@ class Daemon:
         return EXIT_ERROR if failed else EXIT_OK
 
     def loop(self) -> int:
-        """Wait for presses until SIGTERM; ping the watchdog between steps."""
+        """Wait for presses until SIGTERM; ping the watchdog between steps; nurse a failing camera back."""
         interval = self.notifier.watchdog_interval() or 1.0
-        camera_failing_since = None
         self.notifier.ready()
         self.notifier.status(f"serving {self.bundle.name} {self.bundle.version}")
         self.signals.off()
         while not self._stop.is_set():
-            self._wake.wait(timeout=interval)
+            timeout = interval
+            if self._camera_down_since is not None:
+                timeout = max(0.0, min(interval, self._camera_next_try - time.monotonic()))
+            self._wake.wait(timeout=timeout)
             self._wake.clear()
             self.notifier.watchdog()
             if self._stop.is_set():
@@ -243,32 +272,47 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+            if self._camera_down_since is not None and not self._retry_camera():
+                log.error("no camera for over %.0f s; exiting so systemd restarts mushcam", self.cfg.camera_retry_s)
+                return EXIT_CAMERA
             if self._press.is_set():
                 self._press.clear()
+                if self._camera_down_since is not None:
+                    self.signals.error()  # the press is answered: the camera is still away
+                    continue
                 try:
                     self.handle_press()
-                    camera_failing_since = None
                 except CameraError:
-                    camera_failing_since = camera_failing_since or time.monotonic()
-                    if time.monotonic() - camera_failing_since > self.cfg.camera_retry_s:
-                        log.error("camera failing for over %.0f s; exiting so systemd restarts mushcam",
-                                  self.cfg.camera_retry_s)
-                        return EXIT_CAMERA
-                    self._reopen_camera()
+                    self._camera_down_since = time.monotonic()
+                    self._camera_backoff = CAMERA_BACKOFF_START
+                    self._camera_next_try = time.monotonic()
                 except MushcamError as e:
                     # Anything else that fails in one press (e.g. the runtime) costs that press, not the service.
                     log.error("press failed: %s", e)
                     self.signals.error()
         return EXIT_OK
 
-    def _reopen_camera(self) -> None:
+    def _retry_camera(self) -> bool:
+        """Reopen the camera when its back-off has elapsed; False once it has been away too long."""
         from device.camera import open_camera
 
+        now = time.monotonic()
+        if now < self._camera_next_try:
+            return True
         try:
             self.camera.close()
             self.camera = open_camera(self.cfg.camera, size=self._camera_size())
         except CameraError as e:
-            log.warning("camera still unavailable: %s", e)
+            if now - self._camera_down_since > self.cfg.camera_retry_s:
+                return False
+            self._camera_next_try = now + self._camera_backoff
+            log.warning("camera still unavailable (next try in %.1f s): %s", self._camera_backoff, e)
+            self._camera_backoff = min(self._camera_backoff * 2, CAMERA_BACKOFF_MAX)
+            return True
+        log.info("camera is back after %.1f s", now - self._camera_down_since)
+        self._camera_down_since = None
+        self.signals.off()
+        return True
 
     def close(self) -> None:
         """Safe to call twice and after a failed start: LEDs off, camera closed, status 'stopped'."""

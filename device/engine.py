@@ -73,11 +73,17 @@ def _runtime_chatter_to_log():
 
 
 def make_interpreter(model_path: Path, threads: int | None = None, delegates: list | None = None):
-    """Build and allocate an interpreter; a corrupt model becomes a BundleError naming the file."""
+    """Build and allocate an interpreter; a corrupt model becomes a BundleError naming the file.
+
+    `threads` None or 0 means the runtime's default (as config.toml documents `threads = 0`).
+    """
+    if threads is not None and threads < 0:
+        raise ConfigError(f"threads must be >= 0 (0: the runtime's default), got {threads}")
     rt = _runtime()
     try:
         with _runtime_chatter_to_log():
-            interp = rt.Interpreter(model_path=str(model_path), num_threads=threads, experimental_delegates=delegates)
+            # LiteRT refuses num_threads=0 with a ValueError that would read as a broken model.
+            interp = rt.Interpreter(model_path=str(model_path), num_threads=threads or None, experimental_delegates=delegates)
             interp.allocate_tensors()
     except (ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -196,16 +202,19 @@ def load_edgetpu_delegate():
     """Load libedgetpu's delegate; a missing library or device becomes one InferenceError line."""
     rt = _runtime()
     # LiteRT's Delegate.__del__ complains on stderr when loading failed; that noise is not the user's problem.
+    # The half-built Delegate lives in the original exception's traceback, so that exception must be freed
+    # (not kept as our error's __context__) before the quiet hook is put back.
     hook, sys.unraisablehook = sys.unraisablehook, lambda *_: None
     try:
         return rt.load_delegate(EDGETPU_LIBRARY)
     except (OSError, ValueError) as e:
-        raise InferenceError(
-            f"no Edge TPU detected ({EDGETPU_LIBRARY}: {e}); plug in the Coral and install libedgetpu1-std, or use engine cpu"
-        ) from None
+        reason = str(e)
     finally:
         gc.collect()
         sys.unraisablehook = hook
+    raise InferenceError(
+        f"no Edge TPU detected ({EDGETPU_LIBRARY}: {reason}); plug in the Coral and install libedgetpu1-std, or use engine cpu"
+    )
 
 
 ENGINES: dict[str, type[Engine]] = {"cpu": CpuEngine, "edgetpu": EdgeTpuEngine}

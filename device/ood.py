@@ -8,6 +8,7 @@ Numpy only: the trainer fits it (fit_ood), the device scores with it (OodScorer)
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,16 @@ class OodScorer:
         self.components = np.asarray(params["components"], dtype=np.float32)
         self.class_means = np.asarray(params["class_means"], dtype=np.float32)
         self.precision = np.asarray(params["precision"], dtype=np.float32)
-        self.dims = self.components.shape[1]
+        # Catch a mismatched file here, at load, rather than as a numpy error in the middle of a press.
+        d = self.mean.shape[0] if self.mean.ndim == 1 else -1
+        k = self.components.shape[1] if self.components.ndim == 2 else -1
+        if d < 1 or k < 1 or self.components.shape != (d, k) or self.class_means.ndim != 2 \
+                or self.class_means.shape[1] != k or self.precision.shape != (k, k):
+            raise BundleError(
+                f"ood arrays do not fit together (mean {self.mean.shape}, components {self.components.shape}, "
+                f"class_means {self.class_means.shape}, precision {self.precision.shape})"
+            )
+        self.dims = k
 
     @classmethod
     def from_npz(cls, path: Path) -> "OodScorer":
@@ -58,9 +68,12 @@ class OodScorer:
             with np.load(path, allow_pickle=False) as data:
                 missing = [k for k in _KEYS if k not in data]
                 if missing:
-                    raise BundleError(f"{path}: missing array {missing[0]!r}")
+                    raise BundleError(f"missing array {missing[0]!r}")
                 return cls({k: data[k] for k in _KEYS})
-        except (OSError, ValueError) as e:
+        except BundleError as e:  # also a ValueError: name the file once, here
+            raise BundleError(f"{path}: {e}") from None
+        except (OSError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile) as e:
+            # a damaged zip shows up as any of these, depending on where the damage is
             raise BundleError(f"{path}: not a valid ood.npz ({e})") from None
 
     def class_distances(self, embedding: np.ndarray) -> np.ndarray:

@@ -23,6 +23,11 @@ ImageSource = Union[str, os.PathLike, bytes, np.ndarray, Image.Image]
 RESIZE_MODES = ("center_crop", "stretch", "pad")
 INPUT_DTYPES = {"int8": np.int8, "uint8": np.uint8}
 
+# Pillow's decompression-bomb check warns on stderr past 89 MP; load_image applies its own limits instead.
+Image.MAX_IMAGE_PIXELS = None
+_MAX_PIXELS = 100_000_000
+_MAX_PIXELS_DRAFT = 400_000_000
+
 # Transparent pixels become white, as the training photos were prepared.
 _BACKGROUND = (255, 255, 255)
 
@@ -109,7 +114,13 @@ def load_image(source: ImageSource, *, min_size: int | None = None) -> np.ndarra
             if path.exists() and path.stat().st_size == 0:
                 raise ImageError(f"{name}: empty file (0 bytes)")
             img = Image.open(path)
-        if min_size and img.format == "JPEG":
+        drafted = bool(min_size) and img.format == "JPEG"
+        # Our own pixel limit replaces Pillow's: a JPEG decoded in draft mode is scaled down by up to 8x as
+        # it is decoded, so a 108 MP phone photo is safe; anything else is decoded whole and stays capped.
+        limit = _MAX_PIXELS_DRAFT if drafted else _MAX_PIXELS
+        if img.width * img.height > limit:
+            raise ImageError(f"{name}: {img.width}x{img.height} is too many pixels to decode safely; scale it down first")
+        if drafted:
             img.draft("RGB", (min_size, min_size))
         img.load()  # decode now so a truncated file fails here, not later
         img = ImageOps.exif_transpose(img)
@@ -120,8 +131,6 @@ def load_image(source: ImageSource, *, min_size: int | None = None) -> np.ndarra
         raise ImageError(f"{name}: no such file") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image format mushcam can decode (use JPEG or PNG)") from None
-    except Image.DecompressionBombError:
-        raise ImageError(f"{name}: too many pixels to decode safely; scale it down first") from None
     except (OSError, ValueError, SyntaxError) as e:
         # Pillow reports truncated or corrupt data as OSError/SyntaxError with a terse message.
         raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
@@ -132,7 +141,8 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16-bit or 32-bit greyscale: Pillow's convert("RGB") would clip everything above 255 to white.
         a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if a.max(initial=0) > 255 else 255.0
+        # I;16 is always out of 65535 (a dark 16-bit photo must stay dark); for 32-bit I/F, guess the range.
+        top = 65535.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
         a = np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8)
         return np.ascontiguousarray(np.repeat(a[:, :, None], 3, axis=2))
     if mode == "P":

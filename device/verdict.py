@@ -3,7 +3,8 @@
 EDIBLE needs every one of: an edible top label, confidence at or above `edible_min_confidence`, at most
 `poisonous_max_mass` probability on all poisonous labels together, and (when the bundle has one) an
 unknown-species score within `ood_max_score`. POISONOUS needs a poisonous top label with at least
-`poisonous_min_confidence`. Everything else, including any malformed input, is UNSURE: no path of doubt
+`poisonous_min_confidence` and a familiar-looking image (a poisonous guess on something unlike the training
+data is UNSURE: it is still a guess). Everything else, including any malformed input, is UNSURE: no path of doubt
 or error ends in EDIBLE.
 """
 

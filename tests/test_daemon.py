@@ -131,6 +131,8 @@ def test_captures_are_saved_atomically_and_a_full_disk_still_answers(tmp_path, b
     r = Running(make_cfg(tmp_path, bundle, captures=CapturesConfig(enabled=True, dir=str(cap), max_mb=50)))
     with r:
         r.press()
+        # The verdict is signalled before the record is written: wait for the record.
+        assert wait_for(lambda: cap.is_dir() and any(not p.name.startswith(".") for p in cap.iterdir()))
         saved = [p for p in cap.iterdir() if not p.name.startswith(".")]
         assert len(saved) == 1 and saved[0].name.endswith("EDIBLE")
         assert sorted(f.name for f in saved[0].iterdir()) == ["frame_0.jpg", "frame_1.jpg", "result.json"]
@@ -142,19 +144,26 @@ def test_captures_are_saved_atomically_and_a_full_disk_still_answers(tmp_path, b
         monkeypatch.setattr("PIL.Image.Image.save", full)
         r.press()  # still answered
         assert led(GREEN) == 1
+        time.sleep(0.2)  # let the failed save finish its clean-up
         assert len([p for p in cap.iterdir()]) == 1, "a failed capture left something behind"
 
 
-def test_camera_failure_shows_error_then_recovers(tmp_path, bundle, mock_pins):
+def test_camera_that_disappears_shows_error_then_recovers_when_it_returns(tmp_path, bundle, mock_pins):
     r = Running(make_cfg(tmp_path, bundle))
     with r as d:
+        good = d.cfg.camera
+        d.cfg.camera = f"fake:{tmp_path / 'unplugged'}"  # re-opening fails while it is "unplugged"
         d.camera.fail(1)
         pin = gpiozero.Device.pin_factory.pin(BUTTON)
         pin.drive_low()
         pin.drive_high()
         assert wait_for(lambda: d.signals.state == "error")
         assert d.presses_answered == 0 and led(GREEN) == 0
-        r.press()  # the camera is back
+        time.sleep(0.6)  # a few back-off rounds: still down, still the error pattern
+        assert d.signals.state == "error" and d._camera_backoff > 0.25
+        d.cfg.camera = good  # plugged back in
+        assert wait_for(lambda: d._camera_down_since is None, 10)
+        r.press()
         assert led(GREEN) == 1
 
 
@@ -181,6 +190,37 @@ def test_reload_keeps_the_old_model_when_the_new_one_is_bad(tmp_path, bundle, mo
         assert d.bundle is old
         assert "sha256" in json.loads((tmp_path / "status.json").read_text())["last_reload_error"]
         r.press()  # the old model still answers
+        assert led(GREEN) == 1
+
+
+def test_reload_survives_a_model_that_crashes_the_runtime(tmp_path, bundle, mock_pins):
+    """The child self-test takes the crash; the daemon refuses the reload and keeps serving."""
+    r = Running(make_cfg(tmp_path, bundle))
+    with r as d:
+        crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+        with pytest.raises(Exception, match="crashed the TFLite runtime .SIGSEGV."):
+            d.validate_in_child(bundle, crash)
+        d.validate_in_child = lambda path, command=None: Daemon.validate_in_child(d, path, crash)
+        old = d.bundle
+        assert d.reload() is False and d.bundle is old
+        assert "SIGSEGV" in json.loads((tmp_path / "status.json").read_text())["last_reload_error"]
+        r.press()
+        assert led(GREEN) == 1
+
+
+def test_reload_refuses_a_truncated_model_even_with_a_matching_card(tmp_path, bundle, mock_pins):
+    import hashlib
+
+    r = Running(make_cfg(tmp_path, bundle))
+    with r as d:
+        model = bundle / "model.tflite"
+        model.write_bytes(model.read_bytes()[:700])
+        card = json.loads((bundle / "model.json").read_text())
+        card["files"]["model.tflite"] = hashlib.sha256(model.read_bytes()).hexdigest()
+        (bundle / "model.json").write_text(json.dumps(card))
+        assert d.reload() is False
+        assert "cannot load" in d.last_reload_error
+        r.press()
         assert led(GREEN) == 1
 
 

@@ -22,6 +22,7 @@ import typer
 from device.errors import MushcamError
 from train import console
 from train.hparams import HParams
+from train.sign import sign
 
 _HP = HParams()  # the CLI's defaults are the documented dataclass's
 
@@ -173,6 +174,39 @@ def edgetpu(
         if (Path(bundle) / "model.json.sig").exists():
             console.warn("model.json changed, so model.json.sig no longer matches: sign the bundle again")
         console.out.print(f"added {Path(bundle) / 'model_edgetpu.tflite'}")
+
+
+@app.command()
+def loso(
+    work: Annotated[Path, typer.Argument(help="WORK dir written by prepare (all species).", exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the folds (one WORK and bundle each) and loso.json.")],
+    weights: Annotated[str, typer.Option(help="Backbone init, as for fit.")],
+    holdout: Annotated[Optional[list[str]], typer.Option(help="Species to hold out (repeatable; default: every poisonous one).")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Square input size, as for fit.")] = None,
+    epochs: Annotated[int, typer.Option(help="As for fit.")] = _HP.epochs,
+    fine_tune_epochs: Annotated[int, typer.Option(help="As for fit.")] = _HP.fine_tune_epochs,
+    feature_copies: Annotated[int, typer.Option(help="As for fit.")] = _HP.feature_copies,
+    calibration: Annotated[int, typer.Option(help="As for export.")] = 400,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = _HP.seed,
+) -> None:
+    """Leave-one-species-out: train without each poisonous species, count how often its photos come out EDIBLE."""
+    from train.export import ExportOptions
+    from train.loso import loso as run_loso
+
+    with _reported():
+        hp = HParams(weights=weights, size=size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
+                     feature_copies=feature_copies, seed=seed)
+        summary = run_loso(work, out, hp, ExportOptions(out=out, calibration=calibration), holdout)
+        for f in summary["folds"]:
+            console.out.print(
+                f"without {f['held_out']}: {f['answered_edible']}/{f['photos']} answered EDIBLE ({f['edible_rate']:.1%}), "
+                f"{f['answered_unsure']} UNSURE, {f['answered_poisonous']} POISONOUS; fold val edible coverage "
+                f"{f['val_edible_coverage']:.1%}", markup=False)
+        console.out.print(f"all folds: {summary['answered_edible']}/{summary['photos']} answered EDIBLE "
+                          f"({summary['edible_rate']:.2%}); worst fold {summary['worst_fold_edible_rate']:.1%}")
+
+
+app.command("sign")(sign)
 
 
 def main() -> None:

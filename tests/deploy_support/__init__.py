@@ -1,0 +1,1 @@
+"""Test support for the deployment tests: a throw-away sshd, stand-in devices, small bundles."""

@@ -1,0 +1,137 @@
+"""systemd/mushcam.service: required settings, a reason above every hardening line, systemd-analyze verify."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from device.config import CapturesConfig, Config
+
+UNIT = Path(__file__).resolve().parents[1] / "systemd" / "mushcam.service"
+
+# Lines that restrict the daemon: each must carry its own reason on the line(s) right above it.
+HARDENING = {
+    "User", "Group", "SupplementaryGroups", "CapabilityBoundingSet", "AmbientCapabilities", "NoNewPrivileges",
+    "UMask", "ProtectSystem", "ReadWritePaths", "ReadOnlyPaths", "RuntimeDirectory", "RuntimeDirectoryMode",
+    "WorkingDirectory", "ProtectHome", "PrivateTmp", "DevicePolicy", "DeviceAllow", "PrivateNetwork",
+    "RestrictAddressFamilies", "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+    "ProtectControlGroups", "ProtectClock", "ProtectHostname", "ProtectProc", "ProcSubset", "RestrictNamespaces",
+    "RestrictRealtime", "RestrictSUIDSGID", "LockPersonality", "SystemCallArchitectures", "SystemCallFilter",
+    "SystemCallErrorNumber", "MemoryDenyWriteExecute", "PrivateDevices", "PrivateUsers", "IPAddressDeny",
+    "NotifyAccess", "WatchdogSec", "StartLimitBurst", "StartLimitIntervalSec",
+}
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """Sections -> key -> values (repeated keys keep every value), comments and blanks skipped."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None, f"setting outside a section: {raw}"
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+@pytest.fixture(scope="module")
+def unit() -> dict[str, dict[str, list[str]]]:
+    return parse_unit(UNIT.read_text())
+
+
+def test_service_type_reload_watchdog_and_restart_policy(unit):
+    service, unit_section = unit["Service"], unit["Unit"]
+    assert service["Type"] == ["notify"]
+    assert service["NotifyAccess"] == ["main"]
+    assert service["ExecStart"] == ["/opt/mushcam/venv/bin/mushcam run --config /etc/mushcam/config.toml"]
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert int(service["WatchdogSec"][0]) > 0
+    assert service["Restart"] == ["on-failure"]
+    # The start limit lives in [Unit] (systemd ignores it in [Service] on current versions).
+    assert int(unit_section["StartLimitBurst"][0]) >= 1
+    assert unit_section["StartLimitIntervalSec"]
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_runs_unprivileged_with_the_hardware_groups(unit):
+    service = unit["Service"]
+    assert service["User"] == ["mushcam"]
+    assert set(service["SupplementaryGroups"][0].split()) == {"gpio", "video", "i2c"}
+    assert service["NoNewPrivileges"] == ["yes"]
+    assert service["CapabilityBoundingSet"] == [""]
+
+
+def test_file_system_is_read_only_except_captures_and_status(unit):
+    service = unit["Service"]
+    assert service["ProtectSystem"] == ["strict"]
+    assert service["PrivateTmp"] == ["yes"]
+    writable = [p.lstrip("-") for v in service["ReadWritePaths"] for p in v.split()]
+    assert writable == [CapturesConfig().dir]
+    # Models are switched by flash.sh, never written by the daemon.
+    assert not any(p.startswith("/var/lib/mushcam/models") or p == "/var/lib/mushcam" for p in writable)
+    # The status file the daemon writes by default lives in the RuntimeDirectory systemd creates.
+    assert service["RuntimeDirectory"] == ["mushcam"]
+    assert Path(Config().status_file).parent == Path("/run") / service["RuntimeDirectory"][0]
+
+
+def test_devices_limited_to_camera_gpio_and_i2c(unit):
+    service = unit["Service"]
+    assert service["DevicePolicy"] == ["closed"]
+    allowed = {v.split()[0]: v.split()[1] for v in service["DeviceAllow"]}
+    for group in ("char-gpiochip", "char-i2c", "char-video4linux", "char-media", "char-dma_heap"):
+        assert allowed.get(group) == "rw", group
+    assert not any(k in ("char-mem", "/dev/mem", "block-*", "char-*") for k in allowed)
+    assert service["PrivateNetwork"] == ["yes"]
+
+
+def test_every_hardening_line_has_its_own_reason_above_it():
+    lines = UNIT.read_text().splitlines()
+    seen = set()
+    for i, raw in enumerate(lines):
+        line = raw.strip()
+        if not line or line.startswith(("#", "[")):
+            continue
+        key = line.partition("=")[0].strip()
+        if key in HARDENING:
+            seen.add(key)
+            above = lines[i - 1].strip() if i else ""
+            assert above.startswith("#") and len(above) > 10, f"line {i + 1} ({line}) has no comment above it"
+    assert {"ProtectSystem", "DevicePolicy", "DeviceAllow", "NoNewPrivileges", "PrivateTmp"} <= seen
+
+
+def test_says_what_is_left_off_and_why():
+    text = UNIT.read_text()
+    left_off = text[text.index("Deliberately left off"):]
+    for option in ("PrivateDevices=", "PrivateUsers=", "MemoryDenyWriteExecute=", "ProcSubset="):
+        assert f"# {option}" in left_off, option
+
+
+def _verify(path: Path) -> subprocess.CompletedProcess:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.fail("systemd-analyze not found: apt-get install systemd")
+    return subprocess.run([tool, "verify", "--man=no", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_systemd_analyze_verify_is_clean(tmp_path):
+    # The venv does not exist here: point ExecStart at a real executable, keep everything else.
+    text = UNIT.read_text().replace("ExecStart=/opt/mushcam/venv/bin/mushcam", "ExecStart=/bin/true")
+    copy = tmp_path / "mushcam.service"
+    copy.write_text(text)
+    result = _verify(copy)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
+
+    # The check can fail: a misspelt hardening key is reported.
+    broken = tmp_path / "broken" / "mushcam.service"
+    broken.parent.mkdir()
+    broken.write_text(text.replace("ProtectSystem=strict", "ProtectSytem=strict"))
+    assert "Unknown key" in _verify(broken).stderr

@@ -1,0 +1,108 @@
+"""Leave-one-species-out: how does the recipe answer a poisonous species it never saw?
+
+For each held-out poisonous species, the same recipe as the shipped model (fit + export, thresholds
+calibrated on that fold's own validation split) is trained without it; then every photo of the held-out
+species goes through the device's classifier and we count how often it comes out EDIBLE. The field will
+meet species the model never saw: this is the figure that says how the device treats them.
+Never calibrates on the test split; the held-out photos are only measured.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from device.bundle import load_bundle, write_json_atomic
+from device.classifier import Classifier
+from device.errors import DataError
+from train.export import ExportOptions, export as run_export
+from train.fit import fit as run_fit
+from train.hparams import HParams
+
+
+def fold_manifest(manifest: dict, held: str) -> dict:
+    """The manifest without one class: its photos, label, edibility row and counts are all removed."""
+    m = dict(manifest)
+    m["images"] = [im for im in manifest["images"] if im["label"] != held]
+    m["labels"] = [lab for lab in manifest["labels"] if lab != held]
+    m["classes"] = {k: v for k, v in manifest["classes"].items() if k != held}
+    m["counts"] = {k: v for k, v in manifest.get("counts", {}).items() if k != held}
+    m["held_out"] = held
+    return m
+
+
+def _records(clf: Classifier, paths: list[Path]) -> list[dict]:
+    out = []
+    for p in paths:
+        r = clf.classify(p)
+        out.append({"path": str(p), "verdict": r.verdict, "label": r.label, "confidence": round(r.confidence, 5),
+                    "poisonous_mass": round(r.decision.poisonous_mass, 5),
+                    "ood_score": None if r.ood_score is None else round(r.ood_score, 4)})
+    return out
+
+
+def run_fold(work: Path, manifest: dict, held: str, out: Path, hp: HParams, opts: ExportOptions, track=None) -> dict:
+    """Train and export without `held`, then classify every photo of `held` and the fold's val photos."""
+    fold = out / f"without-{held}"
+    fold.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(fold / "manifest.json", fold_manifest(manifest, held))
+    t0 = time.monotonic()
+    run_fit(fold, hp)
+    res = run_export(fold, replace(opts, out=fold / "bundle", force=True, name=f"loso-without-{held}"))
+    bundle = load_bundle(fold / "bundle")
+    clf = Classifier(bundle)
+    root = Path(manifest["data_dir"])
+    held_paths = [root / im["path"] for im in manifest["images"] if im["label"] == held]
+    val = [im for im in manifest["images"] if im["label"] != held and im["split"] == "val"]
+    held_rec = _records(clf, held_paths)
+    val_rec = _records(clf, [root / im["path"] for im in val])
+    for rec, im in zip(val_rec, val):
+        rec["true"] = im["label"]
+    edible_val = [r for r in val_rec if manifest["classes"][r["true"]]["edibility"] == "edible"]
+    result = {
+        "held_out": held,
+        "photos": len(held_rec),
+        "answered_edible": sum(r["verdict"] == "EDIBLE" for r in held_rec),
+        "answered_poisonous": sum(r["verdict"] == "POISONOUS" for r in held_rec),
+        "answered_unsure": sum(r["verdict"] == "UNSURE" for r in held_rec),
+        "val_edible_coverage": float(np.mean([r["verdict"] == "EDIBLE" for r in edible_val])) if edible_val else None,
+        "thresholds": bundle.card["thresholds"],
+        "seconds": round(time.monotonic() - t0, 1),
+        "export_val": res.val,
+    }
+    result["edible_rate"] = result["answered_edible"] / max(1, result["photos"])
+    write_json_atomic(fold / "loso.json", {**result, "held_records": held_rec, "val_records": val_rec})
+    return result
+
+
+def loso(work: Path, out: Path, hp: HParams, opts: ExportOptions, holdouts: list[str] | None = None) -> dict:
+    """All folds (default: every poisonous species); writes OUT/loso.json and returns the summary."""
+    manifest = json.loads((Path(work) / "manifest.json").read_text())
+    poisonous = [c for c in manifest["labels"] if manifest["classes"][c]["edibility"] == "poisonous"]
+    holdouts = holdouts or poisonous
+    unknown = [h for h in holdouts if h not in manifest["labels"]]
+    if unknown:
+        raise DataError(f"--holdout {unknown[0]!r} is not a class of {work} (classes: {', '.join(manifest['labels'])})")
+    if len(manifest["labels"]) - 1 < 2:
+        raise DataError("leave-one-species-out needs at least 3 classes")
+    folds = []
+    for held in holdouts:
+        import keras
+
+        keras.backend.clear_session()  # each fold is a fresh model; free the last one's graph
+        folds.append(run_fold(Path(work), manifest, held, Path(out), hp, opts))
+    total = sum(f["photos"] for f in folds)
+    summary = {
+        "folds": folds,
+        "photos": total,
+        "answered_edible": sum(f["answered_edible"] for f in folds),
+        "edible_rate": sum(f["answered_edible"] for f in folds) / max(1, total),
+        "worst_fold_edible_rate": max(f["edible_rate"] for f in folds),
+        "hparams": {k: str(v) for k, v in asdict(hp).items()},
+    }
+    write_json_atomic(Path(out) / "loso.json", summary)
+    return summary
