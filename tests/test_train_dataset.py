@@ -160,6 +160,11 @@ def test_empty_data_dir_and_too_few_images_are_clear_errors(tmp_path):
     assert result.exit_code == 1
     assert "green_triangle (1)" in result.stderr and "at least 2" in result.stderr
 
+    lonely = tmp_path / "lonely"
+    (lonely / "red_circle").mkdir(parents=True)
+    result = runner.invoke(app, ["prepare", str(lonely), "--out", str(tmp_path / "w")])
+    assert result.exit_code == 1 and "only one class (red_circle)" in result.stderr
+
 
 def test_bad_fractions_are_refused(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=3)

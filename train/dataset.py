@@ -330,6 +330,8 @@ def prepare(
         raise DataError(f"--val {val} and --test {test} must each be in [0, 1) and sum to less than 1")
     data_dir = Path(data_dir).resolve()
     labels = [p.name for p in class_folders(data_dir)]
+    if len(labels) < 2:
+        raise DataError(f"{data_dir}: only one class ({labels[0]}); a classifier needs at least 2 class folders")
     classes = read_edibility(data_dir, labels)  # fail before the slow scan
     records, skipped = scan(data_dir, labels, track)
     for r, gid in zip(records, group_duplicates(records)):
@@ -346,8 +348,6 @@ def prepare(
             f"{data_dir}: too few usable images in class {', '.join(short)}; each class needs at least "
             f"{MIN_IMAGES_PER_CLASS} (add photos or remove the folder)"
         )
-    if len(labels) < 2:
-        raise DataError(f"{data_dir}: only one class ({labels[0]}); a classifier needs at least 2 class folders")
     # Renumber groups densely after dropping, in manifest order, so group ids are stable for a data set.
     renumber: dict[int, int] = {}
     for r in kept:

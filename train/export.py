@@ -80,15 +80,20 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def convert_int8(model, representative: list[np.ndarray]) -> bytes:
-    """Full-integer quantization with int8 input and outputs, calibrated on `representative` float inputs."""
+def convert_int8(model, images: np.ndarray, spec) -> bytes:
+    """Full-integer quantization with int8 input and outputs, calibrated on uint8 `images` (n, h, w, 3).
+
+    Each image is normalised with device.preprocess.normalize as it is fed (never all at once: 1,000
+    float images at 224 px would take 600 MB).
+    """
+    from device import preprocess as dp
     from train._tf import held_stderr, import_keras
 
     tf, _ = import_keras()
 
     def gen():
-        for x in representative:
-            yield [x[None].astype(np.float32)]
+        for x in images:
+            yield [dp.normalize(x, spec)[None]]
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -293,10 +298,9 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
 
     calib_recs = _sample_records(train_recs, opts.calibration, seed)
     x_cal, _ = load_rgb_arrays(manifest, calib_recs, float_spec, console.track, "calibration images")
-    representative = [dp.normalize(x, float_spec) for x in x_cal]
-    console.note(f"converting to int8 (calibrating on {len(representative)} training images)")
-    tflite = convert_int8(model, representative)
-    del representative, x_cal
+    console.note(f"converting to int8 (calibrating on {len(x_cal)} training images)")
+    tflite = convert_int8(model, x_cal, float_spec)
+    del x_cal
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
