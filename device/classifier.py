@@ -15,7 +15,7 @@ import numpy as np
 from device.bundle import Bundle
 from device.engine import Engine, load_engine
 from device.errors import BundleError
-from device.ood import OodScorer
+from device.ood import load_ood
 from device.preprocess import ImageSource, preprocess
 from device.verdict import Decision, decide, softmax
 
@@ -49,10 +49,10 @@ class Classifier:
     def __init__(self, bundle: Bundle, engine: Engine | None = None, backend: str = "auto", threads: int | None = None):
         self.bundle = bundle
         self.engine = engine or load_engine(bundle, backend, threads)
-        self.ood = OodScorer.from_npz(bundle.ood_path) if bundle.ood_path else None
-        if self.ood is not None and bundle.embedding is not None and self.ood.mean.shape[0] != bundle.embedding.size:
+        self.ood = load_ood(bundle.ood_path) if bundle.ood_path else None
+        if self.ood is not None and bundle.embedding is not None and self.ood.embedding_size != bundle.embedding.size:
             raise BundleError(
-                f"{bundle.ood_path}: made for {self.ood.mean.shape[0]}-value embeddings but the model's have "
+                f"{bundle.ood_path}: made for {self.ood.embedding_size}-value embeddings but the model's have "
                 f"{bundle.embedding.size}; re-export the bundle"
             )
 

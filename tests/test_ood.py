@@ -135,3 +135,25 @@ def test_tiny_bundle_scores_trained_colours_low_and_unseen_colours_high(tiny_bun
         assert max(score(colour, s) for s in range(5)) < limit / 2
     for colour in ("grey", "yellow", (255, 255, 255), (0, 0, 0)):
         assert score(colour) > 2 * limit
+
+
+def test_knn_scorer_is_zero_on_a_training_photo_and_grows_away_from_them(tmp_path):
+    from device.ood import KnnScorer, fit_knn, load_ood
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(50, 16)) + 5
+    np.savez(tmp_path / "ood.npz", **fit_knn(train, k=1))
+    scorer = load_ood(tmp_path / "ood.npz")
+    assert isinstance(scorer, KnnScorer) and scorer.embedding_size == 16
+    assert scorer.score(train[3]) < 1e-3  # float16 storage: close to, not exactly, zero
+    assert scorer.score(-train[3]) > 1.5  # the opposite direction is as unfamiliar as it gets
+    assert scorer.score(train[3] + rng.normal(size=16) * 3) > scorer.score(train[3] + rng.normal(size=16) * 0.3)
+
+
+def test_load_ood_refuses_an_unknown_method_in_one_line(tmp_path):
+    from device.errors import BundleError
+    from device.ood import load_ood
+
+    np.savez(tmp_path / "ood.npz", method=np.array("magic"), train=np.zeros((2, 2)), k=np.array(1))
+    with pytest.raises(BundleError, match="unknown method 'magic'"):
+        load_ood(tmp_path / "ood.npz")

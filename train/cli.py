@@ -97,6 +97,12 @@ def fit(
         console.out.print(f"curves: {result.curves_path}")
 
 
+def _ood_method(value: str) -> str:
+    if value not in ("knn", "mahalanobis"):
+        raise typer.BadParameter(f"{value!r} is not one of knn, mahalanobis", param_hint="--ood-method")
+    return value
+
+
 @app.command()
 def export(
     work: Annotated[Path, typer.Argument(help="WORK dir with a trained model (fit).", exists=True, file_okay=False)],
@@ -109,6 +115,8 @@ def export(
     samples: Annotated[int, typer.Option(help="Sample photos per class for `mushcam selftest`.")] = 3,
     max_poison_edible: Annotated[float, typer.Option(help="Calibration target: fraction of poisonous val photos answered EDIBLE.")] = 0.005,
     min_edible_confidence: Annotated[float, typer.Option(help="Floor of the calibrated edible_min_confidence.")] = 0.9,
+    ood_method: Annotated[str, typer.Option(help="Unknown-species score: knn or mahalanobis.")] = "knn",
+    ood_percentile: Annotated[float, typer.Option(min=50, max=100, help="ood_max_score = this percentile of val scores.")] = 95.0,
 ) -> None:
     """Quantize WORK/model.keras to an int8 bundle, gate it on val accuracy, calibrate thresholds, write BUNDLE."""
     from train.export import ExportOptions, export as run_export
@@ -117,6 +125,7 @@ def export(
         result = run_export(work, ExportOptions(
             out=out, calibration=calibration, max_drop=max_drop, force=force, name=name, version=version,
             samples=samples, max_poison_edible=max_poison_edible, min_edible_confidence=min_edible_confidence,
+            ood_method=_ood_method(ood_method), ood_percentile=ood_percentile,
         ))
         th, v = result.thresholds, result.val
         console.out.print(
@@ -192,6 +201,9 @@ def loso(
     fine_tune_epochs: Annotated[int, typer.Option(help="As for fit.")] = _HP.fine_tune_epochs,
     feature_copies: Annotated[int, typer.Option(help="As for fit.")] = _HP.feature_copies,
     calibration: Annotated[int, typer.Option(help="As for export.")] = 400,
+    ood_method: Annotated[str, typer.Option(help="As for export.")] = "knn",
+    ood_percentile: Annotated[float, typer.Option(min=50, max=100, help="As for export.")] = 95.0,
+    reuse_fits: Annotated[bool, typer.Option(help="Re-export folds already trained in OUT (same recipe) instead of refitting.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _HP.seed,
 ) -> None:
     """Leave-one-species-out: train without each poisonous species, count how often its photos come out EDIBLE."""
@@ -201,7 +213,9 @@ def loso(
     with _reported():
         hp = HParams(weights=weights, size=size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
                      feature_copies=feature_copies, seed=seed)
-        summary = run_loso(work, out, hp, ExportOptions(out=out, calibration=calibration), holdout)
+        opts = ExportOptions(out=out, calibration=calibration, ood_method=_ood_method(ood_method),
+                             ood_percentile=ood_percentile)
+        summary = run_loso(work, out, hp, opts, holdout, reuse_fits=reuse_fits)
         for f in summary["folds"]:
             console.out.print(
                 f"without {f['held_out']}: {f['answered_edible']}/{f['photos']} answered EDIBLE ({f['edible_rate']:.1%}), "

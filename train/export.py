@@ -65,6 +65,9 @@ class ExportOptions:
     max_poison_edible: float = 0.005
     min_edible_confidence: float = 0.9
     threads: int | None = None
+    ood_method: str = "knn"  # knn or mahalanobis (device/ood.py)
+    ood_k: int = 1
+    ood_percentile: float = OOD_PERCENTILE  # of val (known-species) scores: ood_max_score
 
 
 @dataclass
@@ -271,7 +274,7 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
     from device.bundle import Thresholds, load_bundle, sha256_file, write_card
     from device.classifier import Classifier
     from device.engine import load_engine
-    from device.ood import OodScorer, fit_ood
+    from device.ood import fit_knn, fit_ood, load_ood
 
     t0 = time.perf_counter()
     work, out = Path(work), Path(opts.out).absolute()
@@ -364,14 +367,18 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
             train_paths = [manifest.abspath(r) for r in train_recs]
             y_train = np.array([manifest.label_index(r) for r in train_recs])
             _, emb_train, _ = device_scores(classifier, recorder, train_paths, "int8 train (device)")
-            params = fit_ood(emb_train, y_train, n, dims=OOD_DIMS)
+            if opts.ood_method == "knn":
+                params = fit_knn(emb_train, k=opts.ood_k)
+                detail = {"k": opts.ood_k}
+            else:
+                params = fit_ood(emb_train, y_train, n, dims=OOD_DIMS)
+                detail = {"dims": int(np.asarray(params["components"]).shape[1])}
             np.savez(stage / "ood.npz", **params)
-            scorer = OodScorer.from_npz(stage / "ood.npz")
+            scorer = load_ood(stage / "ood.npz")
             oods_val = np.array([scorer.score(e) for e in emb_val])
-            ood_max = max(float(np.percentile(oods_val, OOD_PERCENTILE)), 1e-6)
+            ood_max = max(float(np.percentile(oods_val, opts.ood_percentile)), 1e-6)
             thresholds["ood_max_score"] = ood_max
-            ood_section = {"method": "mahalanobis", "file": "ood.npz",
-                           "dims": int(np.asarray(params["components"]).shape[1]), "percentile": OOD_PERCENTILE}
+            ood_section = {"method": opts.ood_method, "file": "ood.npz", **detail, "percentile": opts.ood_percentile}
 
         # Edible threshold: lowest with poisonous-as-EDIBLE <= target on val, never below the floor.
         edible, calibrated = calibrate_edible(
@@ -408,7 +415,7 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
             },
             "calibration": {
                 "split": "val",
-                "ood_max_score": {"percentile": OOD_PERCENTILE, "photos": len(val_recs)} if ood_section else None,
+                "ood_max_score": {"percentile": opts.ood_percentile, "photos": len(val_recs)} if ood_section else None,
                 "edible_min_confidence": {
                     "target_poisonous_as_edible": opts.max_poison_edible,
                     "floor": opts.min_edible_confidence,

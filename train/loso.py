@@ -20,7 +20,7 @@ from device.bundle import load_bundle, write_json_atomic
 from device.classifier import Classifier
 from device.errors import DataError
 from train.export import ExportOptions, export as run_export
-from train.fit import fit as run_fit
+from train.fit import MODEL_FILE, fit as run_fit
 from train.hparams import HParams
 
 
@@ -45,13 +45,15 @@ def _records(clf: Classifier, paths: list[Path]) -> list[dict]:
     return out
 
 
-def run_fold(work: Path, manifest: dict, held: str, out: Path, hp: HParams, opts: ExportOptions, track=None) -> dict:
+def run_fold(work: Path, manifest: dict, held: str, out: Path, hp: HParams, opts: ExportOptions,
+             reuse_fit: bool = False) -> dict:
     """Train and export without `held`, then classify every photo of `held` and the fold's val photos."""
     fold = out / f"without-{held}"
     fold.mkdir(parents=True, exist_ok=True)
     write_json_atomic(fold / "manifest.json", fold_manifest(manifest, held))
     t0 = time.monotonic()
-    run_fit(fold, hp)
+    if not (reuse_fit and (fold / MODEL_FILE).is_file()):
+        run_fit(fold, hp)
     res = run_export(fold, replace(opts, out=fold / "bundle", force=True, name=f"loso-without-{held}"))
     bundle = load_bundle(fold / "bundle")
     clf = Classifier(bundle)
@@ -79,7 +81,8 @@ def run_fold(work: Path, manifest: dict, held: str, out: Path, hp: HParams, opts
     return result
 
 
-def loso(work: Path, out: Path, hp: HParams, opts: ExportOptions, holdouts: list[str] | None = None) -> dict:
+def loso(work: Path, out: Path, hp: HParams, opts: ExportOptions, holdouts: list[str] | None = None,
+         reuse_fits: bool = False) -> dict:
     """All folds (default: every poisonous species); writes OUT/loso.json and returns the summary."""
     manifest = json.loads((Path(work) / "manifest.json").read_text())
     poisonous = [c for c in manifest["labels"] if manifest["classes"][c]["edibility"] == "poisonous"]
@@ -94,7 +97,7 @@ def loso(work: Path, out: Path, hp: HParams, opts: ExportOptions, holdouts: list
         import keras
 
         keras.backend.clear_session()  # each fold is a fresh model; free the last one's graph
-        folds.append(run_fold(Path(work), manifest, held, Path(out), hp, opts))
+        folds.append(run_fold(Path(work), manifest, held, Path(out), hp, opts, reuse_fits))
     total = sum(f["photos"] for f in folds)
     summary = {
         "folds": folds,
@@ -103,6 +106,7 @@ def loso(work: Path, out: Path, hp: HParams, opts: ExportOptions, holdouts: list
         "edible_rate": sum(f["answered_edible"] for f in folds) / max(1, total),
         "worst_fold_edible_rate": max(f["edible_rate"] for f in folds),
         "hparams": {k: str(v) for k, v in asdict(hp).items()},
+        "ood": {"method": opts.ood_method, "percentile": opts.ood_percentile},
     }
     write_json_atomic(Path(out) / "loso.json", summary)
     return summary
