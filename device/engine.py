@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import logging
 import os
 import sys
@@ -42,9 +43,8 @@ def _runtime():
     except ImportError:
         pass
     try:
-        import tensorflow as tf  # last resort on a workstation; never installed on the Pi
-
-        return tf.lite
+        # Last resort on a workstation; never installed on the Pi (imported by name: only ever lazily).
+        return importlib.import_module("tensorflow").lite
     except ImportError:
         raise InferenceError(
             "no TFLite runtime found: pip install ai-edge-litert (or tflite-runtime) into mushcam's venv"

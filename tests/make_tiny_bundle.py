@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from device.bundle import FORMAT, sha256_file, write_card  # noqa: E402
 from device.ood import fit_ood  # noqa: E402
-from device.preprocess import InputSpec, normalize, prepare_rgb  # noqa: E402
+from device.preprocess import InputSpec, prepare_rgb  # noqa: E402
 
 LABELS = ["red_cap", "green_cap", "blue_cap"]
 EDIBILITY = {"red_cap": "edible", "green_cap": "poisonous", "blue_cap": "poisonous"}
@@ -38,7 +38,8 @@ def colour_image(rgb, size=(48, 64), seed=0) -> Image.Image:
 
 def build(out: Path) -> Path:
     import keras
-    import tensorflow as tf
+
+    from train.export import convert_int8
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((SIZE, SIZE, 3))
@@ -51,20 +52,9 @@ def build(out: Path) -> Path:
 
     spec0 = InputSpec((SIZE, SIZE), "center_crop", 127.5, 127.5, "int8", 1 / 127.5, -1)
     rng = np.random.default_rng(1)
-    calib = [normalize(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), spec0) for _ in range(32)]
-    calib += [normalize(prepare_rgb(colour_image(c, seed=i), spec0), spec0) for i, c in enumerate(COLOURS.values())]
-
-    def representative():
-        for x in calib:
-            yield [x[None].astype(np.float32)]
-
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = representative
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv.inference_input_type = tf.int8
-    conv.inference_output_type = tf.int8
-    tflite = conv.convert()
+    calib = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(32)]
+    calib += [prepare_rgb(colour_image(c, seed=i), spec0) for i, c in enumerate(COLOURS.values())]
+    tflite = convert_int8(model, np.stack(calib), spec0)  # the trainer's own int8 conversion
 
     tmp = Path(tempfile.mkdtemp(prefix=".tiny_bundle.", dir=out.parent))
     tmp.chmod(0o755)
