@@ -385,3 +385,14 @@ def test_loso_refuses_an_unknown_holdout(chain, tmp_path):
     out = invoke("loso", chain["work"], "--out", tmp_path / "l", "--holdout", "no_such", "--weights", "none")
     assert out.exit_code == 1
     assert "no_such" in error_line(out)
+
+
+def test_export_min_edible_coverage_picks_the_strictest_ood_percentile_and_records_it(chain, tmp_path):
+    out = invoke("export", chain["work"], "--out", tmp_path / "b", "--calibration", "16", "--max-drop", "100",
+                 "--samples", "1", "--min-edible-coverage", "0", "--force")
+    assert out.exit_code == 0, out.output
+    card = json.loads((tmp_path / "b" / "model.json").read_text())
+    # Coverage >= 0 is met by the first candidate: the strictest percentile, 50.
+    assert card["ood"]["method"] == "knn" and card["ood"]["percentile"] == 50.0
+    assert card["calibration"]["ood_max_score"]["min_edible_coverage"] == 0.0
+    load_bundle(tmp_path / "b")

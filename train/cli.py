@@ -117,6 +117,7 @@ def export(
     min_edible_confidence: Annotated[float, typer.Option(help="Floor of the calibrated edible_min_confidence.")] = 0.9,
     ood_method: Annotated[str, typer.Option(help="Unknown-species score: knn or mahalanobis.")] = "knn",
     ood_percentile: Annotated[float, typer.Option(min=50, max=100, help="ood_max_score = this percentile of val scores.")] = 95.0,
+    min_edible_coverage: Annotated[Optional[float], typer.Option(min=0, max=1, help="Instead: the strictest ood percentile that keeps val edible coverage >= this.")] = None,
 ) -> None:
     """Quantize WORK/model.keras to an int8 bundle, gate it on val accuracy, calibrate thresholds, write BUNDLE."""
     from train.export import ExportOptions, export as run_export
@@ -125,7 +126,7 @@ def export(
         result = run_export(work, ExportOptions(
             out=out, calibration=calibration, max_drop=max_drop, force=force, name=name, version=version,
             samples=samples, max_poison_edible=max_poison_edible, min_edible_confidence=min_edible_confidence,
-            ood_method=_ood_method(ood_method), ood_percentile=ood_percentile,
+            ood_method=_ood_method(ood_method), ood_percentile=ood_percentile, min_edible_coverage=min_edible_coverage,
         ))
         th, v = result.thresholds, result.val
         console.out.print(
@@ -203,6 +204,7 @@ def loso(
     calibration: Annotated[int, typer.Option(help="As for export.")] = 400,
     ood_method: Annotated[str, typer.Option(help="As for export.")] = "knn",
     ood_percentile: Annotated[float, typer.Option(min=50, max=100, help="As for export.")] = 95.0,
+    min_edible_coverage: Annotated[Optional[float], typer.Option(min=0, max=1, help="As for export.")] = None,
     reuse_fits: Annotated[bool, typer.Option(help="Re-export folds already trained in OUT (same recipe) instead of refitting.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _HP.seed,
 ) -> None:
@@ -214,7 +216,7 @@ def loso(
         hp = HParams(weights=weights, size=size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
                      feature_copies=feature_copies, seed=seed)
         opts = ExportOptions(out=out, calibration=calibration, ood_method=_ood_method(ood_method),
-                             ood_percentile=ood_percentile)
+                             ood_percentile=ood_percentile, min_edible_coverage=min_edible_coverage)
         summary = run_loso(work, out, hp, opts, holdout, reuse_fits=reuse_fits)
         for f in summary["folds"]:
             console.out.print(

@@ -68,6 +68,7 @@ class ExportOptions:
     ood_method: str = "knn"  # knn or mahalanobis (device/ood.py)
     ood_k: int = 1
     ood_percentile: float = OOD_PERCENTILE  # of val (known-species) scores: ood_max_score
+    min_edible_coverage: float | None = None  # if set: the strictest ood percentile keeping this val coverage
 
 
 @dataclass
@@ -175,6 +176,29 @@ def verdicts_for(probs: np.ndarray, oods: np.ndarray | None, labels, bundle_clas
         d = decide(p, labels, bundle_classes, thresholds, None if oods is None else float(oods[i]))
         out.append(str(getattr(d.verdict, "value", d.verdict)))
     return out
+
+
+OOD_PERCENTILE_CANDIDATES = tuple(range(50, 96, 5))
+
+
+def strictest_ood_percentile(probs, oods, y, labels, bundle_classes, base: dict, opts, fallback: float) -> float:
+    """The lowest val percentile for ood_max_score at which, after edible calibration, val edible coverage
+    still reaches opts.min_edible_coverage: every unfamiliar-looking photo turned away is one that a species
+    missing from training could have been. Falls back to `fallback` if none reaches it."""
+    from device.bundle import Thresholds
+
+    poison = poisonous_mask(labels, {lab: {"edibility": bundle_classes[lab].edibility} for lab in labels})
+    for p in OOD_PERCENTILE_CANDIDATES:
+        th = {**base, "ood_max_score": max(float(np.percentile(oods, p)), 1e-6)}
+        edible, _ = calibrate_edible(probs, oods, y, labels, bundle_classes, th, opts.max_poison_edible,
+                                     opts.min_edible_confidence)
+        if edible is None:
+            continue
+        final = Thresholds(**{**th, "edible_min_confidence": float(edible)})
+        s = safety_figures(verdicts_for(probs, oods, labels, bundle_classes, final), y, poison)
+        if s["edible_coverage"] >= opts.min_edible_coverage:
+            return float(p)
+    return fallback
 
 
 def calibrate_edible(probs, oods, y, labels, bundle_classes, base: dict, target: float, floor: float):
@@ -376,9 +400,15 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
             np.savez(stage / "ood.npz", **params)
             scorer = load_ood(stage / "ood.npz")
             oods_val = np.array([scorer.score(e) for e in emb_val])
-            ood_max = max(float(np.percentile(oods_val, opts.ood_percentile)), 1e-6)
+            percentile = opts.ood_percentile
+            if opts.min_edible_coverage is not None:
+                percentile = strictest_ood_percentile(
+                    probs_val, oods_val, y_val, labels, bundle.classes, thresholds, opts, percentile)
+                notes.append(f"ood percentile {percentile:g}: the strictest keeping val edible coverage >= "
+                             f"{opts.min_edible_coverage:.0%}")
+            ood_max = max(float(np.percentile(oods_val, percentile)), 1e-6)
             thresholds["ood_max_score"] = ood_max
-            ood_section = {"method": opts.ood_method, "file": "ood.npz", **detail, "percentile": opts.ood_percentile}
+            ood_section = {"method": opts.ood_method, "file": "ood.npz", **detail, "percentile": percentile}
 
         # Edible threshold: lowest with poisonous-as-EDIBLE <= target on val, never below the floor.
         edible, calibrated = calibrate_edible(
@@ -415,7 +445,8 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
             },
             "calibration": {
                 "split": "val",
-                "ood_max_score": {"percentile": opts.ood_percentile, "photos": len(val_recs)} if ood_section else None,
+                "ood_max_score": {"percentile": ood_section["percentile"] if ood_section else None,
+                                  "min_edible_coverage": opts.min_edible_coverage, "photos": len(val_recs)} if ood_section else None,
                 "edible_min_confidence": {
                     "target_poisonous_as_edible": opts.max_poison_edible,
                     "floor": opts.min_edible_confidence,

@@ -106,7 +106,8 @@ def loso(work: Path, out: Path, hp: HParams, opts: ExportOptions, holdouts: list
         "edible_rate": sum(f["answered_edible"] for f in folds) / max(1, total),
         "worst_fold_edible_rate": max(f["edible_rate"] for f in folds),
         "hparams": {k: str(v) for k, v in asdict(hp).items()},
-        "ood": {"method": opts.ood_method, "percentile": opts.ood_percentile},
+        "ood": {"method": opts.ood_method, "percentile": opts.ood_percentile,
+                "min_edible_coverage": opts.min_edible_coverage},
     }
     write_json_atomic(Path(out) / "loso.json", summary)
     return summary

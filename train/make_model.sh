@@ -32,5 +32,6 @@ done
 "${TRAIN[@]}" prepare "$SHARED/data/mushrooms" --out "$WORK" --seed 0
 "${TRAIN[@]}" fit "$WORK" --weights "$WEIGHTS" --backbone mobilenet_v2 --alpha 1.0 --size 224 \
   --epochs 30 --fine-tune-epochs 12 --feature-copies 8 --seed 0
-"${TRAIN[@]}" export "$WORK" --out "$MODEL" --name "$(basename "$MODEL")" --calibration 1000 --samples 2
+"${TRAIN[@]}" export "$WORK" --out "$MODEL" --name "$(basename "$MODEL")" --calibration 1000 --samples 2 \
+  --ood-method knn --min-edible-coverage 0.75
 "${TRAIN[@]}" evaluate "$MODEL" "$WORK" --split test --report "$WORK/report" --record
