@@ -367,9 +367,11 @@ def test_evaluate_record_stores_test_metrics_in_the_card(chain, tmp_path):
 def test_loso_trains_without_each_poisonous_class_and_counts_edible_answers(chain, tmp_path):
     manifest = json.loads((chain["work"] / "manifest.json").read_text())
     poisonous = [c for c in manifest["labels"] if manifest["classes"][c]["edibility"] == "poisonous"]
+    shipped = tmp_path / "shipped"
+    shutil.copytree(chain["bundle"], shipped)
     out = invoke("loso", chain["work"], "--out", tmp_path / "loso", "--holdout", poisonous[0], "--weights", "none",
                  "--size", "32", "--epochs", "1", "--fine-tune-epochs", "0", "--feature-copies", "1",
-                 "--calibration", "8")
+                 "--calibration", "8", "--record", shipped)
     assert out.exit_code == 0, out.output
     summary = json.loads((tmp_path / "loso" / "loso.json").read_text())
     (fold,) = summary["folds"]
@@ -379,6 +381,9 @@ def test_loso_trains_without_each_poisonous_class_and_counts_edible_answers(chai
     fold_bundle = load_bundle(tmp_path / "loso" / f"without-{poisonous[0]}" / "bundle")
     assert poisonous[0] not in fold_bundle.labels and len(fold_bundle.labels) == len(manifest["labels"]) - 1
     assert "answered EDIBLE" in out.stdout
+    recorded = json.loads((shipped / "model.json").read_text())["metrics"]["leave_one_species_out"]
+    assert recorded["folds"][0]["held_out"] == poisonous[0]
+    load_bundle(shipped)
 
 
 def test_loso_refuses_an_unknown_holdout(chain, tmp_path):

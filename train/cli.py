@@ -206,6 +206,7 @@ def loso(
     ood_percentile: Annotated[float, typer.Option(min=50, max=100, help="As for export.")] = 95.0,
     min_edible_coverage: Annotated[Optional[float], typer.Option(min=0, max=1, help="As for export.")] = None,
     reuse_fits: Annotated[bool, typer.Option(help="Re-export folds already trained in OUT (same recipe) instead of refitting.")] = False,
+    record: Annotated[Optional[Path], typer.Option(help="Store the per-fold figures in this bundle's model.json (metrics.leave_one_species_out).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _HP.seed,
 ) -> None:
     """Leave-one-species-out: train without each poisonous species, count how often its photos come out EDIBLE."""
@@ -225,6 +226,11 @@ def loso(
                 f"{f['val_edible_coverage']:.1%}", markup=False)
         console.out.print(f"all folds: {summary['answered_edible']}/{summary['photos']} answered EDIBLE "
                           f"({summary['edible_rate']:.2%}); worst fold {summary['worst_fold_edible_rate']:.1%}")
+        if record is not None:
+            from train.loso import record_in_card
+
+            record_in_card(record, summary)
+            console.out.print(f"recorded in {record / 'model.json'}")
 
 
 app.command("sign")(sign)

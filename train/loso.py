@@ -111,3 +111,20 @@ def loso(work: Path, out: Path, hp: HParams, opts: ExportOptions, holdouts: list
     }
     write_json_atomic(Path(out) / "loso.json", summary)
     return summary
+
+
+def record_in_card(bundle: Path, summary: dict) -> None:
+    """Put the per-fold figures into a bundle's card (metrics.leave_one_species_out); hashes untouched."""
+    from device.bundle import write_card
+
+    card_path = Path(bundle) / "model.json"
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    keep = ("held_out", "photos", "answered_edible", "answered_unsure", "answered_poisonous", "edible_rate",
+            "val_edible_coverage")
+    card.setdefault("metrics", {})["leave_one_species_out"] = {
+        "folds": [{k: f[k] for k in keep} for f in summary["folds"]],
+        "edible_rate": summary["edible_rate"],
+        "worst_fold_edible_rate": summary["worst_fold_edible_rate"],
+        "ood": summary.get("ood"),
+    }
+    write_card(Path(bundle), card)
