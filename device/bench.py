@@ -22,7 +22,7 @@ import numpy as np
 from device.bundle import Bundle
 from device.classifier import Classifier
 from device.engine import CpuEngine, make_interpreter
-from device.preprocess import load_image, normalize, quantize, resize
+from device.preprocess import load_image, resize, to_tensor
 from device.verdict import decide, softmax
 
 
@@ -53,7 +53,7 @@ def stage_times(bundle: Bundle, image: Path, runs: int, threads: int | None) -> 
         t0 = time.perf_counter()
         rgb = load_image(image, min_size=2 * max(spec.size))
         t1 = time.perf_counter()
-        tensor = quantize(normalize(resize(rgb, spec.size, spec.resize), spec), spec)[None]
+        tensor = to_tensor(resize(rgb, spec.size, spec.resize), spec)
         t2 = time.perf_counter()
         out = clf.engine.run(tensor)
         t3 = time.perf_counter()

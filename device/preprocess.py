@@ -7,6 +7,7 @@ The numbers come from the bundle's `input` section (see docs/model-bundle.md); n
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from dataclasses import asdict, dataclass
@@ -221,6 +222,19 @@ def prepare_rgb(image: ImageSource, spec: InputSpec) -> np.ndarray:
     return resize(rgb, spec.size, spec.resize)
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_table(spec: InputSpec) -> np.ndarray:
+    """quantize(normalize(p)) for every uint8 pixel value p: both steps act on each value alone, so a
+    256-entry table gives exactly the same tensor, about 10x faster than the float arithmetic per frame."""
+    return quantize(normalize(np.arange(256, dtype=np.uint8), spec), spec)
+
+
+def to_tensor(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """A resized (h, w, 3) uint8 image -> the (1, h, w, 3) integer tensor; equal, value for value, to
+    quantize(normalize(rgb, spec), spec)[None] (a test checks it)."""
+    return _pixel_table(spec)[rgb][None]
+
+
 def preprocess(image: ImageSource, spec: InputSpec) -> np.ndarray:
     """The whole path for one image: a (1, h, w, 3) tensor in the model's integer dtype."""
-    return quantize(normalize(prepare_rgb(image, spec), spec), spec)[None]
+    return to_tensor(prepare_rgb(image, spec), spec)

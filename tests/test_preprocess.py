@@ -386,3 +386,15 @@ def test_a_95_megapixel_phone_jpeg_decodes_small_and_quietly(tmp_path, recwarn):
     rgb = load_image(p, min_size=448)
     assert rgb.shape[0] < 9500 // 4 and rgb.shape[1] < 10000 // 4
     assert not [w for w in recwarn.list if "DecompressionBomb" in type(w.message).__name__]
+
+
+@pytest.mark.parametrize("mean,std,scale,zp,dtype", [(127.5, 127.5, 1 / 127.5, -1, "int8"), (0.0, 1.0, 1.0, -128, "int8"),
+                                                      (0.0, 255.0, 1 / 255, 0, "uint8"), (100.0, 50.0, 0.037, 7, "int8")])
+def test_the_fast_pixel_table_equals_the_float_path(mean, std, scale, zp, dtype):
+    from device.preprocess import InputSpec, normalize, prepare_rgb, preprocess, quantize
+
+    spec = InputSpec((24, 32), "center_crop", mean, std, dtype, scale, zp)
+    rgb = np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    expected = quantize(normalize(prepare_rgb(rgb, spec), spec), spec)[None]
+    got = preprocess(rgb, spec)
+    assert got.dtype == expected.dtype and np.array_equal(got, expected)
