@@ -354,6 +354,13 @@ def test_weights_file_of_another_backbone_is_refused(tmp_path):
     assert get_spec("mobilenet_v2").build_backbone(32, 0.35, str(path)).output_shape == (None, 1280)
 
 
+def test_export_card_has_the_float_vs_int8_table(chain):
+    m = json.loads((chain["bundle"] / "model.json").read_text())["metrics"]
+    assert 0.0 <= m["float_test_top1"] <= 1.0 and 0.0 <= m["int8_top1"] <= 1.0
+    assert m["model_bytes"] == (chain["bundle"] / "model.tflite").stat().st_size
+    assert m["fit_seconds"] > 0
+
+
 def test_evaluate_record_stores_test_metrics_in_the_card(chain, tmp_path):
     bundle = tmp_path / "b"
     shutil.copytree(chain["bundle"], bundle)

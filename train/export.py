@@ -367,6 +367,14 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
         float_logits = model.predict(dp.normalize(x_val, float_spec), batch_size=32, verbose=0)[0]
         float_top1 = float(np.mean(np.argmax(float_logits, axis=1) == y_val))
         del x_val
+        # The float model's test top-1, for the card's float-vs-int8 table only (nothing is tuned on it).
+        test_recs = manifest.records("test")
+        float_test_top1 = None
+        if test_recs:
+            x_test, y_test = load_rgb_arrays(manifest, test_recs, float_spec, console.track, "loading test")
+            test_logits = model.predict(dp.normalize(x_test, float_spec), batch_size=32, verbose=0)[0]
+            float_test_top1 = float(np.mean(np.argmax(test_logits, axis=1) == y_test))
+            del x_test
         val_paths = [manifest.abspath(r) for r in val_recs]
         probs_val, emb_val, _ = device_scores(classifier, recorder, val_paths, "int8 val (device)")
         int8_top1 = float(np.mean(np.argmax(probs_val, axis=1) == y_val))
@@ -441,6 +449,9 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
             "metrics": {
                 "float_top1": float_top1,
                 "int8_top1": int8_top1,
+                "float_test_top1": float_test_top1,
+                "model_bytes": (stage / "model.tflite").stat().st_size,
+                "fit_seconds": info.get("seconds"),
                 "val": {"top1": int8_top1, "float_top1": float_top1, **val_safety},
             },
             "calibration": {
