@@ -451,7 +451,7 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
                 "int8_top1": int8_top1,
                 "float_test_top1": float_test_top1,
                 "model_bytes": (stage / "model.tflite").stat().st_size,
-                "fit_seconds": info.get("seconds"),
+                "fit_seconds": (info.get("seconds") or {}).get("total"),
                 "val": {"top1": int8_top1, "float_top1": float_top1, **val_safety},
             },
             "calibration": {
