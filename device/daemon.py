@@ -64,15 +64,17 @@ class Daemon:
         self.presses_answered = 0
 
     # --- set-up -------------------------------------------------------------------------------
-    def load_model(self) -> tuple[Bundle, Classifier]:
-        """Validate the configured bundle, self-test it, and build its classifier (does not swap it in)."""
+    def model_path(self) -> Path:
+        # Resolve the `current` symlink once: the model in memory stays tied to one release directory.
+        return self.cfg.resolved_model_dir().resolve()
+
+    def load_model(self, path: Path, self_test: bool) -> tuple[Bundle, Classifier]:
+        """Validate the bundle at `path`, optionally self-test it, and build its classifier (no swap)."""
         from device.selftest import require_samples_pass
 
-        # Resolve the `current` symlink now: the model in memory stays tied to one release directory.
-        path = self.cfg.resolved_model_dir().resolve()
         bundle = load_bundle(path, require_signature=self.cfg.require_signature, allowed_signers=self.cfg.allowed_signers)
         clf = Classifier(bundle, backend=self.cfg.engine, threads=self.cfg.threads or None)
-        if self.cfg.selftest_at_start:
+        if self_test:
             require_samples_pass(bundle, clf)
         return bundle, clf
 
@@ -81,7 +83,7 @@ class Daemon:
         from device.display import open_display
         from device.signals import Button, GpioSignals, use_mock_pins
 
-        self.bundle, self.classifier = self.load_model()
+        self.bundle, self.classifier = self.load_model(self.model_path(), self.cfg.selftest_at_start)
         log.info("model %s %s loaded from %s (engine %s)", self.bundle.name, self.bundle.version, self.bundle.path,
                  self.classifier.engine.name)
         g = self.cfg.gpio
@@ -201,8 +203,10 @@ class Daemon:
         keep the old one on any failure."""
         self.notifier.reloading()
         try:
-            self.validate_in_child(self.cfg.resolved_model_dir().resolve())
-            bundle, clf = self.load_model()
+            path = self.model_path()
+            self.validate_in_child(path)
+            # The child ran the samples already; here the hashes are checked again, not the samples.
+            bundle, clf = self.load_model(path, self_test=False)
         except MushcamError as e:
             self.last_reload_error = str(e)
             log.error("reload refused, still serving %s %s: %s", self.bundle.name, self.bundle.version, e)
