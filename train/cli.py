@@ -66,6 +66,37 @@ def prepare(
         report.print_prepare(manifest, out)
 
 
+@app.command("import-captures")
+def import_captures(
+    captures: Annotated[Path, typer.Argument(help="Presses collected by deploy/collect.sh: CAPTURES/<host>/<press>/.",
+                                             exists=True, file_okay=False)],
+    labels: Annotated[Path, typer.Option(help="CSV with columns press,species[,taxon] (see docs/training.md).",
+                                         exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="DATA_DIR to write: <class>/<host>-<press>-frame_N.jpg + edibility.csv.")],
+    base: Annotated[Optional[Path], typer.Option(help="Existing photo set (e.g. ../shared/data/mushrooms): its photos are linked into DATA_DIR, its edibility.csv copied.",
+                                                 exists=True, file_okay=False)] = None,
+    edibility: Annotated[Optional[Path], typer.Option(help="edibility.csv naming the classes (default: --base's, else DATA_DIR's).",
+                                                      exists=True, dir_okay=False)] = None,
+    other_out: Annotated[Optional[Path], typer.Option(help="Folder for presses labelled unknown: <taxon-slug>/ + species.csv (for prepare --other).")] = None,
+) -> None:
+    """Turn labelled field presses into folder-per-class photos for prepare (presses labelled unknown go to --other-out)."""
+    from train import field
+
+    with _reported():
+        s = field.import_captures(captures, labels, out, edibility=edibility, base=base, other_out=other_out)
+    for name, n in sorted(s.per_class.items()):
+        console.out.print(f"{name:<32} {n:>4} press(es)", markup=False)
+    console.out.print(f"{s.frames} frame(s) from {sum(s.per_class.values())} labelled press(es) into {out}"
+                      + (f" and {other_out}" if other_out and any(k.startswith('unknown/') for k in s.per_class) else "")
+                      + (f"; {s.linked} photo(s) of {base} linked" if base else ""), markup=False)
+    if s.unlabelled:
+        console.note(f"{len(s.unlabelled)} press(es) with an empty species skipped (not labelled yet)")
+    if s.not_in_csv:
+        console.note(f"{len(s.not_in_csv)} collected press(es) not in {labels} skipped, e.g. {s.not_in_csv[0]}")
+    if s.removed:
+        console.note(f"{s.removed} old copy(ies) of relabelled presses removed")
+
+
 @app.command()
 def fit(
     work: Annotated[Path, typer.Argument(help="WORK dir written by prepare.", exists=True, file_okay=False)],
