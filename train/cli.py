@@ -20,7 +20,28 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from device.errors import MushcamError
-from train import console
+
+# What the `train` extra brings (pyproject.toml). Without it, say how to install it, not a traceback.
+TRAIN_EXTRA_MODULES = frozenset({"tensorflow", "keras", "imagehash", "matplotlib", "rich", "tf_keras", "h5py"})
+
+
+def _exit_without_train_extra(err: ModuleNotFoundError) -> None:
+    """Exit with one line naming the missing module and the fix, if it is one the train extra provides."""
+    missing = (err.name or "").split(".")[0]
+    if missing not in TRAIN_EXTRA_MODULES:
+        return
+    sys.stderr.write(
+        f"mushcam-train: error: {missing} is not installed; the training toolchain needs the train extra: "
+        "pip install -e '.[train]' in the checkout (on a workstation; the Pi never needs it)\n"
+    )
+    raise SystemExit(1)
+
+
+try:
+    from train import console
+except ModuleNotFoundError as _err:  # rich: imported here, before any command runs
+    _exit_without_train_extra(_err)
+    raise
 from train.hparams import HParams
 from train.sign import sign
 
@@ -269,7 +290,11 @@ app.command("sign")(sign)
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as err:  # TensorFlow, imagehash, ... are imported by the commands that need them
+        _exit_without_train_extra(err)
+        raise
 
 
 if __name__ == "__main__":
