@@ -151,12 +151,23 @@ def test_prune_collected_deletes_only_presses_verified_locally(sshd, tmp_path):
 def test_a_failing_host_fails_the_run_not_the_others(sshd, fleet, tmp_path):
     caps, inventory = fleet
     missing = tmp_path / "nowhere"
-    inventory.write_text(inventory.read_text() + f'dev3 captures_dir="{missing}"\n')
+    # dev4's rsync writes a terminal escape sequence and fails: shown cleaned, never raw.
+    evil = tmp_path / "evil-rsync"
+    evil.write_text("#!/bin/sh\nprintf '\\033]0;owned\\007 evil rsync\\n' >&2\nexit 3\n")
+    evil.chmod(0o755)
+    dev4 = tmp_path / "dev4" / "captures"
+    press(dev4, "red", 1)
+    inventory.write_text(inventory.read_text() + f'dev3 captures_dir="{missing}"\n'
+                         + f'dev4 captures_dir="{dev4}" rsync_path="{evil}"\n')
     result = collect(sshd, "--inventory", str(inventory), "--out", str(tmp_path / "field"))
     assert result.returncode == 1
     assert row(result, "dev1")[1] == "ok" and row(result, "dev2")[1] == "ok"
     dev3 = " ".join(row(result, "dev3"))
     assert "FAILED" in dev3 and "does not exist on the device" in dev3
+    dev4_row = " ".join(row(result, "dev4"))
+    assert "FAILED" in dev4_row and "1 press(es) not copied completely" in dev4_row
+    assert "evil rsync" in result.stderr and "\x1b" not in result.stdout + result.stderr and "\x07" not in result.stderr
+    assert not any(p.name != ".incoming" for p in (tmp_path / "field" / "dev4").iterdir())
 
 
 @pytest.mark.parametrize(
