@@ -210,10 +210,11 @@ def test_collect_import_prepare_loop(sshd, tmp_path):
     assert collect(sshd, "--captures-dir", str(captures), "--out", str(out), "dev1").returncode == 0
 
     base = tmp_path / "pool"  # the existing photo set (stands in for ../shared/data/mushrooms)
-    for cls, colour in (("red_cap", "red"), ("green_cap", "green")):
+    for k, (cls, colour) in enumerate((("red_cap", "red"), ("green_cap", "green"))):
         (base / cls).mkdir(parents=True)
         for i in range(3):
-            colour_image(COLOURS[colour], size=(64, 48), seed=100 + i).save(base / cls / f"pool_{i}.jpg")
+            # Seeds unlike the presses': the same noise on another colour hashes alike (a cross-class duplicate).
+            colour_image(COLOURS[colour], size=(64, 48), seed=5000 + 100 * k + i).save(base / cls / f"pool_{i}.jpg")
     (base / "edibility.csv").write_text("class,edibility,common_name\nred_cap,poisonous,red cap\ngreen_cap,edible,green cap\n")
     labels = tmp_path / "labels.csv"
     labels.write_text(
@@ -246,6 +247,11 @@ def test_collect_import_prepare_loop(sshd, tmp_path):
     paths = {r["path"] for r in manifest["images"]} | {d["path"] for d in manifest["copies"] + manifest["dropped"]}
     assert f"red_cap/dev1-{reds[0].name}-frame_0.jpg" in paths
     assert manifest["labels"] == ["green_cap", "red_cap"]
+    assert manifest["dropped"] == [] and manifest["skipped"] == []
+    # The frames of one press are one scene: one duplicate group, one split, whatever their hashes.
+    for p in reds + greens:
+        frames = [r for r in manifest["images"] if f"-{p.name}-frame_" in r["path"]]
+        assert len({r["group"] for r in frames}) == 1 and len({r["split"] for r in frames}) == 1, frames
 
     # Relabelling a press moves it; a misspelt species is one clear line.
     labels.write_text(f"press,species\n{reds[0].name},green_cap\n")
@@ -257,3 +263,17 @@ def test_collect_import_prepare_loop(sshd, tmp_path):
     assert bad.exit_code == 1
     assert "'gren_cap' is not a known class (red_cap, green_cap)" in bad.stderr
     assert "Traceback" not in bad.output
+
+
+def test_prepare_groups_the_frames_of_a_press():
+    from train import dataset
+
+    def rec(path, phash):
+        return dataset.ImageRecord(path, "x", path, f"{phash:016x}")
+
+    far = [0x0, 0xFFFF, 0xFFFF0000FFFF0000]  # pairwise >= 16 bits apart: no near-duplicate link
+    records = [rec(f"x/pi1-20260601-101500-1-UNSURE-frame_{i}.jpg", h) for i, h in enumerate(far)]
+    records += [rec("x/pi1-20260601-101600-2-EDIBLE-frame_0.jpg", 0x00FF00FF00FF00FF), rec("x/frame_0.jpg", 0xF0F0F0F0F0F0F0F0)]
+    groups = dataset.group_duplicates(records)
+    assert groups[0] == groups[1] == groups[2]
+    assert len({groups[0], groups[3], groups[4]}) == 3
