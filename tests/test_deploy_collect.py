@@ -217,6 +217,16 @@ def test_collect_import_prepare_loop(sshd, tmp_path):
             colour_image(COLOURS[colour], size=(64, 48), seed=5000 + 100 * k + i).save(base / cls / f"pool_{i}.jpg")
     (base / "edibility.csv").write_text("class,edibility,common_name\nred_cap,poisonous,red cap\ngreen_cap,edible,green cap\n")
     labels = tmp_path / "labels.csv"
+    runner = CliRunner()
+    made = runner.invoke(train_app, ["import-captures", str(out), "--labels", str(labels), "--template"])
+    assert made.exit_code == 0, made.output
+    template = labels.read_text().splitlines()
+    assert template[0] == "press,species,taxon,device_label,device_verdict"
+    assert sorted(template[1:]) == sorted(f"dev1/{p.name},,,{c},UNSURE" for p, c in
+                                          [*((r, "red") for r in reds), *((g, "green") for g in greens),
+                                           (odd, "yellow"), (unlabelled, "blue")])
+    again = runner.invoke(train_app, ["import-captures", str(out), "--labels", str(labels), "--template"])
+    assert again.exit_code == 1 and "not overwriting" in again.stderr  # a person's half-filled file is safe
     labels.write_text(
         "press,species,taxon\n"
         + "".join(f"dev1/{p.name},red_cap,\n" for p in reds)
@@ -225,7 +235,6 @@ def test_collect_import_prepare_loop(sshd, tmp_path):
         + f"{unlabelled.name},,\n"
     )
     data, other = tmp_path / "data", tmp_path / "other"
-    runner = CliRunner()
     result = runner.invoke(train_app, ["import-captures", str(out), "--labels", str(labels), "--out", str(data),
                                        "--base", str(base), "--other-out", str(other)])
     print(result.output)

@@ -91,18 +91,26 @@ def prepare(
 def import_captures(
     captures: Annotated[Path, typer.Argument(help="Presses collected by deploy/collect.sh: CAPTURES/<host>/<press>/.",
                                              exists=True, file_okay=False)],
-    labels: Annotated[Path, typer.Option(help="CSV with columns press,species[,taxon] (see docs/training.md).",
-                                         exists=True, dir_okay=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="DATA_DIR to write: <class>/<host>-<press>-frame_N.jpg + edibility.csv.")],
+    labels: Annotated[Path, typer.Option(help="CSV with columns press,species[,taxon] (see docs/training.md).", dir_okay=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="DATA_DIR to write: <class>/<host>-<press>-frame_N.jpg + edibility.csv.")] = None,
     base: Annotated[Optional[Path], typer.Option(help="Existing photo set (e.g. ../shared/data/mushrooms): its photos are linked into DATA_DIR, its edibility.csv copied.",
                                                  exists=True, file_okay=False)] = None,
     edibility: Annotated[Optional[Path], typer.Option(help="edibility.csv naming the classes (default: --base's, else DATA_DIR's).",
                                                       exists=True, dir_okay=False)] = None,
     other_out: Annotated[Optional[Path], typer.Option(help="Folder for presses labelled unknown: <taxon-slug>/ + species.csv (for prepare --other).")] = None,
+    template: Annotated[bool, typer.Option(help="Only write --labels: one row per collected press, species empty, to fill in.")] = False,
 ) -> None:
     """Turn labelled field presses into folder-per-class photos for prepare (presses labelled unknown go to --other-out)."""
     from train import field
 
+    if template:
+        with _reported():
+            n = field.write_template(captures, labels)
+        console.out.print(f"{labels}: {n} press(es); fill in the species column (a class, unknown, or empty to skip)", markup=False)
+        return
+    if out is None:
+        sys.stderr.write("error: --out DATA_DIR is needed (or --template to write the labels file)\n")
+        raise typer.Exit(2)
     with _reported():
         s = field.import_captures(captures, labels, out, edibility=edibility, base=base, other_out=other_out)
     for name, n in sorted(s.per_class.items()):

@@ -6,7 +6,7 @@ Layout read (what `deploy/collect.sh --out CAPTURES` writes)::
 
 The labels CSV (UTF-8, header row; one row per press, filled in from `mushcam review`)::
 
-    press,species[,taxon]
+    press,species[,taxon,...]
     pi1/20260601-101500-000000001-UNSURE,boletus_edulis
     20260601-101733-000000002-EDIBLE,unknown,Hypholoma fasciculare
     pi2/20260601-111000-000000003-UNSURE,
@@ -16,6 +16,7 @@ The labels CSV (UTF-8, header row; one row per press, filled in from `mushcam re
   (a mushroom that is none of the known species), or empty (not labelled yet: the press is skipped);
 - `taxon` (optional, only for `unknown`): what it is, if known (e.g. `Hypholoma fasciculare`); it names
   the folder under --other-out (`hypholoma_fasciculare`); empty: `field_unknown`.
+- other columns are ignored (`--template` adds `device_label` and `device_verdict`, what the device said).
 
 Written::
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import filecmp
+import json
 import os
 import re
 import shutil
@@ -144,6 +146,30 @@ def read_labels(path: Path, presses: dict[str, Path], classes: list[str]) -> dic
             raise DataError(f"{path}:{line}: press {pid} is labelled twice, differently")
         labels[pid] = (species, taxon)
     return labels
+
+
+def write_template(captures: Path, labels_csv: Path) -> int:
+    """Write a labels CSV listing every collected press, species empty, the device's answer as a hint.
+
+    Returns the number of presses. Never overwrites: a half-filled labels file is a person's work.
+    """
+    presses = find_presses(captures)
+    labels_csv = Path(labels_csv)
+    if labels_csv.exists():
+        raise DataError(f"{labels_csv} exists; not overwriting it (give another --labels name)")
+    tmp = labels_csv.with_name(f".{labels_csv.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["press", "species", "taxon", "device_label", "device_verdict"])
+        for pid, folder in presses.items():
+            try:
+                result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError):
+                result = {}
+            result = result if isinstance(result, dict) else {}
+            writer.writerow([pid, "", "", result.get("label") or "", result.get("verdict") or ""])
+    os.replace(tmp, labels_csv)
+    return len(presses)
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:
