@@ -189,6 +189,7 @@ host_name() {
 	name=${words[0]##*@}
 	name=${name//[^A-Za-z0-9._-]/_}
 	name=${name##+([_.])}
+	name=${name:-host} # never the --out folder itself
 	for w in "${words[@]:1}"; do
 		[[ ${w%%=*} == name ]] && name=${w#*=}
 	done
