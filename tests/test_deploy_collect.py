@@ -107,26 +107,28 @@ def test_collects_every_press_resumably_and_deletes_nothing(sshd, fleet, tmp_pat
     assert tree(out / "dev1" / new.name) == tree(new)
 
 
-def test_scp_copies_only_missing_presses_and_a_cut_off_copy_never_appears(sshd, tmp_path):
-    """user@host:port with --captures-dir, scp: a press half-copied by an earlier run is redone, not shown."""
+@pytest.mark.parametrize("method", ["scp", "rsync"])
+def test_copies_only_missing_presses_and_a_cut_off_copy_never_appears(sshd, tmp_path, method):
+    """user@host:port with --captures-dir: a press half-copied by an earlier run is finished, never shown half."""
     captures = tmp_path / "dev" / "captures"
     a, b = press(captures, "red", 1), press(captures, "green", 2)
     out = tmp_path / "field"
     name = f"127.0.0.1_{sshd.port}"
     (out / name / ".incoming" / b.name).mkdir(parents=True)
-    (out / name / ".incoming" / b.name / "frame_0.jpg").write_bytes(b"cut off")
+    # What a copy cut off midway leaves: one file half there (rsync --partial resumes it).
+    (out / name / ".incoming" / b.name / "frame_0.jpg").write_bytes((b / "frame_0.jpg").read_bytes()[:500])
     (out / name / a.name).mkdir(parents=True)  # "already collected" (a previous run)
     for f in a.iterdir():
         shutil.copy(f, out / name / a.name / f.name)
 
     result = subprocess.run(
-        ["bash", str(COLLECT), *sshd.ssh_args(), "--transfer", "scp", "--captures-dir", str(captures),
+        ["bash", str(COLLECT), *sshd.ssh_args(), "--transfer", method, "--captures-dir", str(captures),
          "--out", str(out), sshd.target],
         capture_output=True, text=True, timeout=120,
     )
     print(result.stdout, result.stderr)
     assert result.returncode == 0
-    assert "copying with scp" in result.stderr
+    assert f"copying with {method}" in result.stderr
     assert row(result, sshd.target)[1:4] == ["ok", "1", "1"]
     assert tree(out / name / b.name) == tree(b)
 
