@@ -1,6 +1,8 @@
-"""The README says what the code does: its commands exist, its config table matches the defaults.
+"""The docs say what the code does: every `mushcam ...` / `mushcam-train ...` / `deploy/*.sh` command line
+in README.md and docs/*.md (code blocks and inline code) names a real command and real options, and the
+README's config table matches `device.config.Config` key for key, default for default.
 
-Both sides are read at test time (the README's text, the Typer apps, `device.config.Config`, the deploy
+Both sides are read at test time (the docs' text, the Typer apps, `device.config.Config`, the deploy
 scripts' --help), so the check keeps holding as either changes.
 """
 
@@ -22,25 +24,28 @@ from train.cli import app as train_app
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+# Every command line in these is checked; the config table only in the README.
+DOCS = (README, *sorted((REPO / "docs").glob("*.md")))
 APPS = {"mushcam": device_app, "mushcam-train": train_app}
 SCRIPTS = ("deploy/flash.sh", "deploy/collect.sh", "deploy/install.sh")
 
 
-def _code() -> list[str]:
-    """Shell-ish snippets of the README: each line of a fenced block (continuations joined), each inline span."""
-    text = README.read_text(encoding="utf-8")
-    snippets: list[str] = []
-    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M):
-        snippets.extend(block.replace("\\\n", " ").splitlines())
-    prose = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.S | re.M)
-    snippets.extend(re.findall(r"`([^`\n]+)`", prose))
+def _code() -> list[tuple[str, str]]:
+    """Shell-ish snippets of the docs: each line of a fenced block (continuations joined), each inline span."""
+    snippets: list[tuple[str, str]] = []
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M):
+            snippets.extend((doc.name, line) for line in block.replace("\\\n", " ").splitlines())
+        prose = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.S | re.M)
+        snippets.extend((doc.name, span) for span in re.findall(r"`([^`\n]+)`", prose))
     return snippets
 
 
 def _invocations(program_names: tuple[str, ...]) -> list[tuple[str, list[str], str]]:
-    """(program, words after it, the snippet) for every command line of the README running one of them."""
+    """(program, words after it, 'doc: snippet') for every command line of the docs running one of them."""
     found = []
-    for snippet in _code():
+    for doc, snippet in _code():
         code = re.sub(r"(^|\s)#.*$", "", snippet)  # a shell comment
         for segment in re.split(r"\|\||&&|[;|]|\$\(|`", code):
             words = segment.replace("[", " ").replace("]", " ").split()
@@ -48,7 +53,7 @@ def _invocations(program_names: tuple[str, ...]) -> list[tuple[str, list[str], s
                 words = words[1:]
             if words and words[0].rsplit("/", 1)[-1] in program_names:
                 name = words[0] if words[0].startswith("deploy/") else words[0].rsplit("/", 1)[-1]
-                found.append((name, words[1:], snippet))
+                found.append((name, words[1:], f"{doc}: {snippet.strip()}"))
     return found
 
 
@@ -66,13 +71,13 @@ def _long_options(words: list[str]) -> list[str]:
 INVOCATIONS = _invocations(tuple(APPS))
 
 
-def test_the_readme_runs_both_command_lines():
+def test_the_docs_run_both_command_lines():
     programs = {name for name, _, _ in INVOCATIONS}
-    assert programs == set(APPS), f"README command lines found: {sorted(programs)}"
+    assert programs == set(APPS), f"command lines found in the docs: {sorted(programs)}"
 
 
 @pytest.mark.parametrize("program, words, snippet", INVOCATIONS, ids=[" ".join([p, *w])[:60] for p, w, _ in INVOCATIONS])
-def test_every_readme_command_and_option_exists(program, words, snippet):
+def test_every_documented_command_and_option_exists(program, words, snippet):
     cmd = typer.main.get_command(APPS[program])  # a click command (typer vendors click: duck-typed)
     path = [program]
     rest = list(words)
@@ -80,7 +85,7 @@ def test_every_readme_command_and_option_exists(program, words, snippet):
     while hasattr(cmd, "commands") and rest and not rest[0].startswith("-"):
         name = rest.pop(0)
         assert name in cmd.commands, (
-            f"README runs `{' '.join(path + [name])}` ({snippet!r}), but `{' '.join(path)}` has no such "
+            f"the docs run `{' '.join(path + [name])}` ({snippet!r}), but `{' '.join(path)}` has no such "
             f"command; it has: {', '.join(sorted(cmd.commands))}"
         )
         cmd = cmd.commands[name]
@@ -88,7 +93,7 @@ def test_every_readme_command_and_option_exists(program, words, snippet):
     valid = _options(cmd)
     for opt in _long_options(rest):
         assert opt in valid, (
-            f"README uses `{' '.join(path)} {opt}` ({snippet!r}); its options are: {', '.join(sorted(valid))}"
+            f"the docs use `{' '.join(path)} {opt}` ({snippet!r}); its options are: {', '.join(sorted(valid))}"
         )
 
 
@@ -96,12 +101,12 @@ SCRIPT_INVOCATIONS = _invocations(tuple(s.rsplit("/", 1)[-1] for s in SCRIPTS))
 
 
 @pytest.mark.parametrize("script, words, snippet", SCRIPT_INVOCATIONS, ids=[" ".join([p, *w])[:60] for p, w, _ in SCRIPT_INVOCATIONS])
-def test_every_readme_deploy_script_option_is_in_its_help(script, words, snippet):
+def test_every_documented_deploy_script_option_is_in_its_help(script, words, snippet):
     path = REPO / "deploy" / script.rsplit("/", 1)[-1]
     assert path.is_file(), f"README runs {script} ({snippet!r}), which does not exist"
     help_text = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, timeout=30).stdout
     for opt in _long_options(words):
-        assert re.search(rf"(^|[\s,]){re.escape(opt)}\b", help_text), f"README uses `{script} {opt}` ({snippet!r}); --help has no {opt}"
+        assert re.search(rf"(^|[\s,]){re.escape(opt)}\b", help_text), f"the docs use `{script} {opt}` ({snippet!r}); --help has no {opt}"
 
 
 # --- The configuration table -------------------------------------------------------------------------
