@@ -190,3 +190,39 @@ def test_readme_config_default_matches_the_code(key):
             f"README says `{key}` defaults to {table[key]}, the code: {default}")
     else:
         assert documented == default, f"README says `{key}` defaults to {table[key]}, the code: {default!r}"
+
+
+# --- The recipe --------------------------------------------------------------------------------------
+
+def _recipe_options(text: str, prefix: str) -> dict[str, dict[str, str]]:
+    """subcommand -> {--option: value} for each `PREFIX <subcommand> ...` line (continuations joined)."""
+    out: dict[str, dict[str, str]] = {}
+    for line in text.replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if not line.startswith(prefix):
+            continue
+        words = line[len(prefix):].split()
+        opts: dict[str, str] = {}
+        for i, w in enumerate(words[1:], start=1):
+            if w.startswith("--"):
+                nxt = words[i + 1] if i + 1 < len(words) else ""
+                opts[w] = "" if nxt.startswith("--") else nxt
+        out[words[0]] = opts
+    return out
+
+
+def test_training_md_runs_what_make_model_runs():
+    """docs/training.md's "real commands" block has every option train/make_model.sh passes, same literal values."""
+    script = _recipe_options((REPO / "train" / "make_model.sh").read_text(encoding="utf-8"), '"${TRAIN[@]}" ')
+    text = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
+    block = re.search(r"^## The real commands.*?^```\w*\n(.*?)^```", text, flags=re.S | re.M)
+    assert block, "docs/training.md has no '## The real commands' block"
+    docs = _recipe_options(block.group(1), "mushcam-train ")
+    assert script, "no mushcam-train commands found in train/make_model.sh"
+    for command, opts in script.items():
+        assert command in docs, f"make_model.sh runs `{command}`, docs/training.md's real commands do not"
+        for opt, value in opts.items():
+            assert opt in docs[command], f"make_model.sh runs `{command} {opt} {value}`; docs/training.md lacks {opt}"
+            if value and not value.startswith(('"', "$")):  # a literal, not a path from a variable
+                assert docs[command][opt] == value, (
+                    f"make_model.sh runs `{command} {opt} {value}`; docs/training.md says {docs[command][opt]!r}")
