@@ -5,6 +5,7 @@
     mushcam-train export WORK --out BUNDLE        int8 TFLite + card, gated on accuracy loss
     mushcam-train evaluate BUNDLE DATA_DIR|WORK   the bundle through the device's own code path
     mushcam-train edgetpu BUNDLE                  optional: compile for a Coral Edge TPU
+    mushcam-train import-captures CAPTURES ...    field presses (deploy/collect.sh) -> folder-per-class photos
 
 TensorFlow is imported only by the commands that need it, so --help and prepare start quickly.
 """
