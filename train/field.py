@@ -183,16 +183,17 @@ def _copy_atomic(src: Path, dest: Path) -> None:
 
 
 def _link_base(base: Path, data_dir: Path, classes: list[str]) -> int:
-    """Symlink each photo of base/<class>/ into data_dir/<class>/ (top level only; the pool is never written)."""
+    """Symlink each file of base/<class>/ (subfolders mirrored) into data_dir/<class>/; the pool is never written."""
     n = 0
     for cls in classes:
         src_dir = base / cls
         if not src_dir.is_dir():
             continue
-        for src in sorted(src_dir.iterdir()):
-            if not src.is_file() or src.name.startswith("."):
+        for src in sorted(src_dir.rglob("*")):
+            rel = src.relative_to(src_dir)
+            if not src.is_file() or any(part.startswith(".") for part in rel.parts):
                 continue
-            link = data_dir / cls / src.name
+            link = data_dir / cls / rel
             if link.is_symlink() and os.readlink(link) == str(src.resolve()):
                 continue
             link.parent.mkdir(parents=True, exist_ok=True)
