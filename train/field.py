@@ -27,7 +27,8 @@ Written::
     OTHER_OUT/species.csv                                one row per taxon (edibility `unknown`)
 
 Re-running is safe: files already there with the same bytes are kept, a relabelled press moves (its old
-copies are removed), and every file is written under a hidden temporary name and renamed into place.
+copies are removed; a press whose species is now empty is removed), presses the CSV does not mention are
+left as they are, and every file is written under a hidden temporary name and renamed into place.
 """
 
 from __future__ import annotations
