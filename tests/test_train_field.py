@@ -94,3 +94,11 @@ def test_import_is_idempotent_and_counts(field, edibility, tmp_path):
 def test_out_is_required_unless_template(field, tmp_path):
     r = runner.invoke(app, ["import-captures", str(field), "--labels", str(tmp_path / "l.csv")])
     assert r.exit_code == 2 and "--out DATA_DIR is needed" in r.stderr
+
+
+def test_a_press_whose_label_is_cleared_leaves_its_class(field, edibility, tmp_path):
+    assert run(field, f"press,species\npi1/{PRESS},red_cap\n", tmp_path, "--edibility", str(edibility)).exit_code == 0
+    assert (tmp_path / "data" / "red_cap" / f"pi1-{PRESS}-frame_0.jpg").is_file()
+    cleared = run(field, f"press,species\npi1/{PRESS},\n", tmp_path, "--edibility", str(edibility))
+    assert cleared.exit_code == 0 and "1 old copy(ies) of relabelled presses removed" in cleared.stderr
+    assert not list((tmp_path / "data").rglob(f"pi1-{PRESS}-*"))
