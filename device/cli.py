@@ -21,12 +21,39 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+# .heic/.heif (the iPhone default) decode with the `heic` extra; without it each gets a line saying so.
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif"}
 
 ModelOption = Annotated[
     Optional[Path],
     typer.Option("--model", "-m", help="Model bundle directory (default: the installed or shipped bundle)."),
 ]
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mushcam")
+    except PackageNotFoundError:  # run from a checkout without pip install (python -m device)
+        from device import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mushcam {_package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Offline mushroom-identification camera."""
 
 
 def _fail(message: str, code: int = 1):
@@ -59,15 +86,33 @@ def _model_dir(model: Path | None) -> Path:
     return model if model is not None else Config().resolved_model_dir()
 
 
-def _expand(paths: list[Path]) -> list[Path]:
-    """Files as given; folders searched recursively for image files, in a stable order."""
+def _expand(paths: list[Path], skipped: list[Path] | None = None) -> list[Path]:
+    """Files as given; folders searched recursively for image files, in a stable order.
+
+    A folder's other files are appended to `skipped` (if given), so the summary can count them.
+    """
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS))
+            found = sorted(f for f in p.rglob("*") if f.is_file())
+            out.extend(f for f in found if f.suffix.lower() in IMAGE_EXTENSIONS)
+            if skipped is not None:
+                skipped.extend(f for f in found if f.suffix.lower() not in IMAGE_EXTENSIONS)
         else:
             out.append(p)
     return out
+
+
+def _summary(classified: int, failed: int, skipped: list[Path]) -> str:
+    """'3 photos classified, 1 could not be decoded, 2 other files skipped (.json, .txt)'."""
+    parts = [f"{classified} photo{'s' if classified != 1 else ''} classified"]
+    if failed:
+        parts.append(f"{failed} could not be decoded")
+    if skipped:
+        kinds = sorted({f.suffix.lower() or f.name for f in skipped})
+        shown = ", ".join(kinds[:4]) + (", ..." if len(kinds) > 4 else "")
+        parts.append(f"{len(skipped)} other file{'s' if len(skipped) != 1 else ''} skipped, not images ({shown})")
+    return ", ".join(parts)
 
 
 @app.command()
@@ -84,7 +129,8 @@ def classify(
     from device.classifier import Classifier
 
     _setup_logging()
-    files = _expand(paths)
+    skipped: list[Path] = []
+    files = _expand(paths, skipped)
     if not files:
         _fail("no image files found in " + ", ".join(map(str, paths)), 2)
     bundle = load_bundle(_model_dir(model))
@@ -110,6 +156,7 @@ def classify(
         else:
             typer.echo(f"{r.verdict:<9}  {r.confidence:6.1%}  {name:<24}  {f}  ({r.decision.reason})")
     if not as_json:
+        typer.echo(f"mushcam: {_summary(len(files) - failed, failed, skipped)}", err=True)
         typer.echo("Never eat a mushroom on this advice alone.", err=True)
     raise typer.Exit(1 if failed else 0)
 

@@ -131,10 +131,50 @@ def load_image(source: ImageSource, *, min_size: int | None = None) -> np.ndarra
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except UnidentifiedImageError:
+        if _is_heif(source):
+            # The opener is registered on first need: the `heic` extra stays optional and costs nothing
+            # until an iPhone photo shows up.
+            if _register_heif():
+                return load_image(source, min_size=min_size)
+            raise ImageError(
+                f"{name}: a HEIC/HEIF photo; install the heic extra to decode it (pip install 'mushcam[heic]'), "
+                "or convert it to JPEG"
+            ) from None
         raise ImageError(f"{name}: not an image format mushcam can decode (use JPEG or PNG)") from None
     except (OSError, ValueError, SyntaxError) as e:
         # Pillow reports truncated or corrupt data as OSError/SyntaxError with a terse message.
         raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
+
+
+# ISO-BMFF brands of HEIF still images (`ftyp` box at offset 4); AVIF is left to Pillow itself.
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+_heif_registered = False
+
+
+def _is_heif(source: ImageSource) -> bool:
+    try:
+        if isinstance(source, bytes):
+            head = source[:12]
+        else:
+            with open(source, "rb") as f:  # type: ignore[arg-type]
+                head = f.read(12)
+    except (OSError, TypeError):
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
+
+
+def _register_heif() -> bool:
+    """Register pillow-heif's opener with Pillow once; False if it is not installed or already was."""
+    global _heif_registered
+    if _heif_registered:
+        return False
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    _heif_registered = True
+    return True
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
