@@ -606,7 +606,8 @@ class Operations:
         """The device side of one flash (deploy/flash.sh), under the lock from start to end.
 
         say("READY", ...) tells the workstation whether to copy into releases/NAME.partial; read_go()
-        returns "go" when the copy is complete. Returns (status, detail) for the summary.
+        returns its next line: "clear" (empty the .partial), then "go" when the copy is complete (anything
+        else: stop, changing nothing). Returns (status, detail) for the summary.
         """
         plain_name(name)
         with self.store.locked(f"flash of {name}"):
@@ -616,7 +617,11 @@ class Operations:
                 raise ReleaseError(f"{self.store.releases} is not writable by {getpass.getuser()}")
             need_copy = name != previous and not self.store.exists(name)
             say("READY", f"current={previous or ''}\tcopy={int(need_copy)}\trsync={int(shutil.which('rsync') is not None)}")
-            if read_go().strip() != "go":
+            while (command := read_go().strip()) == "clear":
+                # Before an scp (which would nest a copy inside an existing directory).
+                shutil.rmtree(self.store.releases / f"{name}{PARTIAL}", ignore_errors=True)
+                say("CLEARED", name)
+            if command != "go":
                 return "FAILED", "the copy did not complete; current untouched"
             if name == previous:
                 return self._check_current(name)
