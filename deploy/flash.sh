@@ -510,6 +510,8 @@ flash_host() {
 			local why=${LAST:-no answer}
 			[[ $why == *"command not found"* || $why == *"No such file"* ]] &&
 				why+=" (is mushcam installed on the device? deploy/install.sh links it into /usr/local/bin; or give --mushcam)"
+			[[ $why == *"No such command"* ]] &&
+				why+=" (the device's mushcam predates \`mushcam release\`: run deploy/install.sh there again)"
 			record FAILED "$RELEASE" "connect/prepare: $why"
 		fi
 		exec {from}<&-

@@ -342,7 +342,7 @@ def release_status(
     config: ReleaseConfigOption = Path("/etc/mushcam/config.toml"),
     status_file: StatusFileOption = None,
 ) -> None:
-    """The current release, and whether the daemon's status file says it is being served."""
+    """The current release, and whether the daemon's status file says it is being served (exit 1 if not)."""
     from device.bundle import load_bundle
     from device.config import Config, load_config
     from device.release import ReleaseStore, Service
