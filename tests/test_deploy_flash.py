@@ -473,3 +473,14 @@ def test_status_from_a_process_that_is_not_the_services_main_pid_is_not_trusted(
     row = summary_row(result, "dev1")
     assert "health:" in row and "MainPID" in row and f"current back to {old}" in row
     assert dev.current() == old
+
+
+def test_a_device_whose_mushcam_predates_release_says_what_to_do(sshd, bundles, make_devices, tmp_path):
+    (dev,), _ = make_devices(1)
+    old = tmp_path / "old-mushcam"
+    old.write_text("#!/bin/sh\necho \"Error: No such command 'release'.\" >&2\nexit 2\n")
+    old.chmod(0o755)
+    result = flash(sshd, str(bundles["B"]), "dev1", *dev.options(), "--mushcam", str(old))
+    assert result.returncode == 1
+    row = summary_row(result, "dev1")
+    assert "connect/prepare: Error: No such command 'release'." in row and "run deploy/install.sh there again" in row
