@@ -199,3 +199,55 @@ def test_the_daemon_runs_under_the_units_system_call_filter(tmp_path, tiny_bundl
     denied = subprocess.run([system_python, str(helper), str(UNIT), "--", sys.executable, "-c", "import os; os.nice(1)"],
                             capture_output=True, text=True, timeout=60)
     assert denied.returncode != 0 and "Operation not permitted" in denied.stderr
+
+
+def test_a_deploy_user_can_read_the_status_file_under_the_units_umask(tmp_path, tiny_bundle):
+    """Issue 12 item 7: the real daemon, started with the unit's UMask= in a RuntimeDirectory made with
+    the unit's RuntimeDirectoryMode=, and the flash path's read (device.release.Service) as another,
+    unprivileged user (nobody, not in mushcam's group)."""
+    import os
+    import signal
+    import tempfile
+    import time
+
+    import device.daemon
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (util-linux) to read the file as another user")
+    if not hasattr(device.daemon, "STATUS_FILE_MODE"):
+        pytest.xfail("the daemon writes status.json 0644 with the device-integrity change (branch i12-device)")
+    service = parse_unit(UNIT.read_text())["Service"]
+    umask = int(service["UMask"][0], 8)
+    top = Path(tempfile.mkdtemp(prefix="mushcam-umask-", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        runtime = top / "run-mushcam"
+        runtime.mkdir(mode=int(service["RuntimeDirectoryMode"][0], 8))
+        runtime.chmod(int(service["RuntimeDirectoryMode"][0], 8))  # systemd applies it as given
+        status = runtime / "status.json"
+        config = top / "config.toml"
+        config.write_text(f'status_file = "{status}"\nselftest_at_start = false\n\n[display]\nkind = "none"\n'
+                          '[gpio]\npin_factory = "mock"\n')
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "device", "run", "--config", str(config), "--model", str(tiny_bundle),
+             "--camera", f"fake:{tiny_bundle / 'samples'}"],
+            cwd=str(UNIT.parents[1]), preexec_fn=lambda: os.umask(umask),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not status.exists() and time.monotonic() < deadline and daemon.poll() is None:
+                time.sleep(0.1)
+            assert status.exists(), daemon.stderr.read() if daemon.poll() is not None else "no status file"
+            read = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                 "import sys; from pathlib import Path; from device.release import Service; "
+                 "print(Service(Path(sys.argv[1])).read_status()['state'])", str(status)],
+                capture_output=True, text=True, timeout=60, cwd=str(UNIT.parents[1]),
+            )
+            assert read.returncode == 0 and read.stdout.strip() == "running", read.stderr[-1000:]
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=30)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
