@@ -206,6 +206,22 @@ release_app = typer.Typer(
 app.add_typer(release_app, name="release")
 
 RootOption = Annotated[Path, typer.Option("--root", help="Model root on the device.")]
+
+
+def _os_errors(fn):
+    """A file system error in the store (a full disk, a mode) is one line too, naming the file."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from device.errors import ReleaseError
+
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise ReleaseError(f"{where}{e.strerror or e}; nothing else was changed") from None
+
+    return wrapper
 ReleaseConfigOption = Annotated[
     Optional[Path],
     typer.Option("--config", help="The daemon's config (require_signature, allowed_signers, status_file); "
@@ -239,6 +255,7 @@ def _release_ops(root: Path, config: Path | None, require_signature: bool, allow
 
 @release_app.command("install")
 @one_line_errors
+@_os_errors
 def release_install(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory to copy in.")],
     root: RootOption = Path("/var/lib/mushcam/models"),
@@ -262,6 +279,7 @@ def release_install(
 
 @release_app.command("activate")
 @one_line_errors
+@_os_errors
 def release_activate(
     name: Annotated[str, typer.Argument(help="Release name (see `mushcam release list`).")],
     root: RootOption = Path("/var/lib/mushcam/models"),
@@ -283,6 +301,7 @@ def release_activate(
 
 @release_app.command("rollback")
 @one_line_errors
+@_os_errors
 def release_rollback(
     root: RootOption = Path("/var/lib/mushcam/models"),
     dry_run: Annotated[bool, typer.Option(help="Say which release it would go back to; change nothing.")] = False,
@@ -318,6 +337,7 @@ def release_rollback(
 
 @release_app.command("list")
 @one_line_errors
+@_os_errors
 def release_list(
     root: RootOption = Path("/var/lib/mushcam/models"),
     as_json: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
@@ -337,6 +357,7 @@ def release_list(
 
 @release_app.command("status")
 @one_line_errors
+@_os_errors
 def release_status(
     root: RootOption = Path("/var/lib/mushcam/models"),
     config: ReleaseConfigOption = Path("/etc/mushcam/config.toml"),
@@ -363,6 +384,7 @@ def release_status(
 
 @release_app.command("receive")
 @one_line_errors
+@_os_errors
 def release_receive(
     name: Annotated[str, typer.Argument(help="The release deploy/flash.sh pushes (<version>-<sha12>).")],
     card_sha256: Annotated[str, typer.Option(help="sha256 of the model.json pushed.")],
@@ -396,6 +418,8 @@ def release_receive(
                                      say=lambda kind, text: out(kind, text))
     except MushcamError as e:
         status, detail = "FAILED", f"prepare: {e}"
+    except OSError as e:
+        status, detail = "FAILED", f"device error: {e}"
     out("RESULT", status, _safe(name), _safe(detail))
     raise typer.Exit(0 if status in ("ok", "unchanged") else 1)
 
