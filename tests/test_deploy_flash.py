@@ -484,3 +484,16 @@ def test_a_device_whose_mushcam_predates_release_says_what_to_do(sshd, bundles, 
     assert result.returncode == 1
     row = summary_row(result, "dev1")
     assert "connect/prepare: Error: No such command 'release'." in row and "run deploy/install.sh there again" in row
+
+
+def test_a_deep_or_huge_card_is_refused_in_one_line(sshd, bundles, tmp_path):
+    deep = derive_bundle(bundles["B"], tmp_path / "deep")
+    (deep / "model.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = flash(sshd, str(deep), "dev1")
+    assert result.returncode == 2 and "model.json: unreadable" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    huge = derive_bundle(bundles["B"], tmp_path / "huge")
+    with open(huge / "model.json", "a") as f:
+        f.write(" " * (2 << 20))
+    result = flash(sshd, str(huge), "dev1")
+    assert result.returncode == 2 and "larger than 1 MB" in result.stderr
