@@ -490,6 +490,8 @@ flash_host() {
 	fi
 
 	say "connecting"
+	# A device that hangs up early must not kill this job with SIGPIPE before it records why.
+	trap '' PIPE
 	# One session for the whole flash: the device holds its lock until this session ends. It says
 	# READY (whether to copy), then waits for `go` on its stdin (a fifo here).
 	mkfifo "$go" "$replies"
@@ -530,7 +532,7 @@ flash_host() {
 		fi
 		# scp -r into an existing directory would nest the bundle inside it: the device clears it.
 		if [[ $method == scp ]]; then
-			printf 'clear\n' >&"$to"
+			printf 'clear\n' >&"$to" || true
 			read_until "$from" CLEARED
 		fi
 		say "copying with $method to $MODEL_ROOT/releases/$RELEASE.partial"
@@ -538,7 +540,7 @@ flash_host() {
 		if [[ $rc -ne 0 ]]; then
 			[[ -n $out ]] && while IFS= read -r line; do say "  $line"; done <<<"$out"
 			# Not the release's fault: leave the .partial copy for the next run to resume.
-			printf 'abort\n' >&"$to"
+			printf 'abort\n' >&"$to" || true
 			exec {to}>&-
 			read_until "$from" NONE
 			exec {from}<&-
@@ -549,7 +551,7 @@ flash_host() {
 			return 0
 		fi
 	fi
-	printf 'go\n' >&"$to"
+	printf 'go\n' >&"$to" || true
 	exec {to}>&-
 	read_until "$from" NONE
 	exec {from}<&-
