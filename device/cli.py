@@ -70,6 +70,14 @@ def _expand(paths: list[Path]) -> list[Path]:
     return out
 
 
+def _labelled(bundle, pair: tuple[str, float] | None) -> dict | None:
+    """{"label", "display_name", "probability"} for a (label, probability) pair, or None."""
+    if pair is None:
+        return None
+    label, p = pair
+    return {"label": label, "display_name": bundle.display_name(label), "probability": round(p, 4)}
+
+
 @app.command()
 @one_line_errors
 def classify(
@@ -105,6 +113,7 @@ def classify(
                 "path": str(f), "label": r.label, "display_name": name, "confidence": round(r.confidence, 4),
                 "verdict": r.verdict, "reason": r.decision.reason,
                 "ood_score": None if r.ood_score is None else round(r.ood_score, 3),
+                "runner_up": _labelled(bundle, r.runner_up),
                 "latency_ms": round(r.latency_ms, 2),
             }))
         else:

@@ -45,6 +45,8 @@ def make_cfg(tmp_path, bundle, camera=None, **kw) -> Config:
         model_dir=str(bundle),
         camera=camera or f"fake:{bundle / 'samples' / 'red_cap.jpg'}",
         frames_per_press=2,
+        # The tiny model's 3-value embedding reads a 3 % brightness change as a new species: no jitter here.
+        camera_jitter=False,
         status_file=str(tmp_path / "status.json"),
         gpio=GpioConfig(pin_factory="mock", bounce_ms=0),
         display=DisplayConfig(kind="png", png_dir=str(tmp_path / "display")),
@@ -280,7 +282,10 @@ def test_run_once_is_the_laptop_demo(tmp_path, bundle):
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if line.split()[0] in ("EDIBLE", "POISONOUS", "UNSURE")]
     assert len(lines) == 3
-    assert len(list((tmp_path / "d").glob("*.png"))) == 3
+    # The ready screen, then one verdict screen per photo, named by press.
+    names = sorted(p.name for p in (tmp_path / "d").glob("*.png"))
+    assert names[0] == "frame-000001-ready.png" and len(names) == 4, names
+    assert [n.split("-")[2] for n in names[1:]] == ["press0001", "press0002", "press0003"]
 
 
 def test_run_with_a_bad_config_is_one_line(tmp_path):

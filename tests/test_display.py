@@ -106,9 +106,9 @@ def test_png_display_saves_numbered_frames(tmp_path):
     folder = tmp_path / "screen"
     with PngDisplay(folder) as display:
         display.show(Screen("Chanterelle", "EDIBLE", 0.91))
-        display.show(Screen("Death cap", "POISONOUS", 0.97, "2nd: Paddy straw 2%"))
-    assert sorted(p.name for p in folder.iterdir()) == ["frame-000001.png", "frame-000002.png"]
-    assert display.last_path == folder / "frame-000002.png"
+        display.show(Screen("Death cap", "POISONOUS", 0.97, "2nd: Paddy straw 2%", press=7))
+    assert sorted(p.name for p in folder.iterdir()) == ["frame-000001-edible.png", "frame-000002-press0007-poisonous.png"]
+    assert display.last_path == folder / "frame-000002-press0007-poisonous.png"
     with Image.open(display.last_path) as image:
         assert image.size == (128, 64)
         image = image.convert("1")
@@ -119,8 +119,8 @@ def test_png_display_saves_numbered_frames(tmp_path):
 def test_png_display_never_overwrites_earlier_frames(tmp_path):
     (tmp_path / "frame-000007.png").write_bytes(b"from an earlier run")
     display = PngDisplay(tmp_path)
-    display.show(Screen("x", "UNSURE", None))
-    assert display.last_path.name == "frame-000008.png"
+    display.show(Screen("x", "UNSURE", None, kind="ready"))
+    assert display.last_path.name == "frame-000008-ready.png"
     assert (tmp_path / "frame-000007.png").read_bytes() == b"from an earlier run"
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -187,3 +187,13 @@ def test_without_freetype_the_bitmap_font_still_fits(monkeypatch):
     image = render(Screen("Death cap", "POISONOUS", 0.97, "detail"))
     assert contains(image, text_image(SAFETY_LINES[1], 10))  # the shorter wording: 102 px
     assert lit(image, VERDICT_AREA) > 40
+
+
+def test_png_display_keeps_only_the_newest_frames(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a frame: left alone")
+    display = PngDisplay(tmp_path, keep=3)
+    for press in range(1, 6):
+        display.show(Screen("x", "UNSURE", 0.5, press=press))
+    assert sorted(p.name for p in tmp_path.glob("frame-*.png")) == [
+        "frame-000003-press0003-unsure.png", "frame-000004-press0004-unsure.png", "frame-000005-press0005-unsure.png"]
+    assert (tmp_path / "notes.txt").exists()

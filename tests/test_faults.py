@@ -22,15 +22,15 @@ def rss_mb() -> float:
 
 
 class BlockingCamera:
-    """Wraps a camera so that capture() blocks until released: a hung camera driver."""
+    """Wraps a camera so that capture_press() blocks until released: a hung camera driver."""
 
     def __init__(self, inner):
         self.inner, self.release, self.entered = inner, threading.Event(), threading.Event()
 
-    def capture(self):
+    def capture_press(self, n):
         self.entered.set()
         self.release.wait(30)
-        return self.inner.capture()
+        return self.inner.capture_press(n)
 
     def close(self):
         self.release.set()
