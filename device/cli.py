@@ -201,11 +201,77 @@ def run(
     display_dir: Annotated[
         Optional[Path], typer.Option(help="Write every display frame as a PNG here (laptop mode).")
     ] = None,
+    captures_dir: Annotated[
+        Optional[Path], typer.Option(help="Keep every press (frames + result.json) here (laptop default: ./captures).")
+    ] = None,
+    no_captures: Annotated[bool, typer.Option("--no-captures", help="Keep no presses, whatever the config says.")] = False,
 ) -> None:
-    """Run the camera daemon: wait for button presses, capture, classify, signal the verdict."""
+    """Run the camera daemon: wait for button presses, capture, classify, signal the verdict.
+
+    Press with the button, `mushcam press`, `kill -USR1 PID`, or (laptop mode, in a terminal) Enter.
+    """
     from device.daemon import main as daemon_main
 
-    raise typer.Exit(daemon_main(config=config, camera=camera, model=model, once=once, display_dir=display_dir))
+    raise typer.Exit(daemon_main(config=config, camera=camera, model=model, once=once, display_dir=display_dir,
+                                 captures=False if no_captures else None, captures_dir=captures_dir))
+
+
+def _press_socket(config: Path | None) -> Path:
+    """The running daemon's press socket: beside the config's status file, or a laptop's fallback."""
+    from device.config import Config, load_config
+    from device.daemon import is_raspberry_pi, laptop_runtime_dir
+    from device.press import SOCKET_NAME, socket_path
+
+    cfg = load_config(config)
+    if not cfg.status_file:
+        _fail("the config has no status_file, so its daemon has no press socket; pass --socket")
+    path = socket_path(cfg.status_file)
+    fallback = laptop_runtime_dir() / SOCKET_NAME
+    if not path.exists() and cfg.status_file == Config().status_file and not is_raspberry_pi() and fallback.exists():
+        return fallback  # a laptop daemon that could not write /run/mushcam put it here
+    return path
+
+
+@app.command()
+@one_line_errors
+def press(
+    wait: Annotated[bool, typer.Option(help="Wait for the verdict and print it (exit 1 if none comes).")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="The daemon's config (its status_file locates the socket).")] = None,
+    socket: Annotated[Optional[Path], typer.Option(help="The daemon's press socket (default: beside its status file).")] = None,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the daemon.")] = 60.0,
+) -> None:
+    """Press the running daemon's shutter button (over its Unix socket; no network).
+
+    Exit 0 when the press was taken (with --wait: the verdict line was printed), 1 when there is no
+    daemon, the press failed, or no verdict came within --timeout.
+    """
+    from device.press import press as send_press
+
+    typer.echo(send_press(socket or _press_socket(config), wait=wait, timeout=timeout))
+
+
+@app.command()
+@one_line_errors
+def review(
+    captures_dir: Annotated[
+        Optional[Path], typer.Argument(help="Captures folder (default: ./captures on a laptop, the config's on a Pi).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("review.html"),
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Show only the newest N presses.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Take the captures folder from this config file.")] = None,
+) -> None:
+    """Write a static HTML page of the saved presses, newest first: frames, verdict, top-3 species,
+    unknown-species score, model and time. One file, no server, no network."""
+    from device.config import load_config
+    from device.daemon import LAPTOP_CAPTURES_DIR, is_raspberry_pi
+    from device.review import write_review
+
+    if captures_dir is None:
+        cfg = load_config(config)
+        laptop = not is_raspberry_pi() and config is None and not cfg.captures.enabled
+        captures_dir = Path(LAPTOP_CAPTURES_DIR if laptop else cfg.captures.dir)
+    n = write_review(captures_dir, out, limit)
+    typer.echo(f"wrote {out}: {n} press(es) from {captures_dir}")
 
 
 def main() -> None:

@@ -119,7 +119,7 @@ class Daemon:
         self.camera = open_camera(self.cfg.camera, size=self._camera_size(), jitter=self.cfg.camera_jitter)
         # The display last: a start that fails earlier leaves no display folder behind in laptop mode.
         self.display = self._open_display(open_display)
-        self._show(Screen(title=self.bundle.name, verdict="READY", detail=f"version {self.bundle.version}",
+        self._show(Screen(title=self.bundle.name, verdict="READY", detail=f"v{self.bundle.version}",
                           note="press to identify", kind="ready"))
         self._write_status("running")
         if not self.once:
