@@ -414,6 +414,7 @@ class Daemon:
                     self.show_error("press failed", "see the log")
                     self._tell(waiters, False, f"press failed: {e}")
                 else:
+                    self._write_status("running")  # presses_answered: a press that reached its verdict
                     self._tell(waiters, True, self.verdict_line(result))
         self._tell(self._take_waiters(), False, "the daemon stopped before answering")
         return EXIT_OK
