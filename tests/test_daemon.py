@@ -296,3 +296,58 @@ def test_run_with_a_bad_config_is_one_line(tmp_path):
                          text=True, timeout=60)
     assert out.returncode == 1
     assert "frames_per_press" in out.stderr and "Traceback" not in out.stderr
+
+
+def shown(d) -> list:
+    """Record every Screen the daemon shows (the PNG display still saves them)."""
+    screens = []
+    real = d.display.show
+    d.display.show = lambda screen: (screens.append(screen), real(screen))
+    return screens
+
+
+def test_screens_ready_busy_verdict_and_an_error_that_is_not_unsure(tmp_path, bundle, mock_pins):
+    r = Running(make_cfg(tmp_path, bundle))
+    with r as d:
+        ready = sorted((tmp_path / "display").glob("*.png"))
+        assert [p.name for p in ready] == ["frame-000001-ready.png"]  # before any press
+        screens = shown(d)
+        r.press()
+        assert [s.kind for s in screens] == ["busy", "verdict"]
+        assert screens[1].verdict == "EDIBLE" and screens[1].title == "red cap" and screens[1].press == 1
+        d.camera.fail(1)
+        pin = gpiozero.Device.pin_factory.pin(BUTTON)
+        pin.drive_low()
+        pin.drive_high()
+        assert wait_for(lambda: any(s.kind == "error" for s in screens))
+        error = next(s for s in screens if s.kind == "error")
+        assert error.verdict == "ERROR" and "UNSURE" not in (error.title + error.detail + error.note)
+    names = [p.name for p in sorted((tmp_path / "display").glob("*.png"))]
+    assert names[1:4] == ["frame-000002-press0001-busy.png", "frame-000003-press0001-edible.png",
+                          "frame-000004-press0002-busy.png"]
+    assert names[4].endswith("-error.png")
+
+
+def test_the_verdict_screen_names_the_poisonous_look_alike_or_the_runner_up(tmp_path, bundle):
+    import numpy as np
+
+    from device.bundle import load_bundle
+    from device.classifier import Result
+    from device.verdict import decide
+
+    d = Daemon(make_cfg(tmp_path, bundle))
+    d.bundle = b = load_bundle(bundle)
+
+    def screen(probs):
+        decision = decide(probs, b.labels, b.classes, b.thresholds, 1.0)
+        return d.verdict_screen(Result(decision, np.array(probs), 1.0, 1.0, 3, tuple(b.labels)))
+
+    # red_cap is edible; green_cap and blue_cap are poisonous.
+    s = screen([0.90, 0.07, 0.03])
+    assert (s.verdict, s.detail, s.note) == ("UNSURE", "toxic look-alike likely", "looks like: green cap 7%")
+    s = screen([0.97, 0.005, 0.025])
+    assert s.verdict == "EDIBLE" and s.note == "looks like: blue cap 2%"  # every poisonous figure >= 1 % is shown
+    assert screen([0.995, 0.003, 0.002]).note == ""  # nothing worth naming
+    s = screen([0.05, 0.55, 0.40])
+    assert s.verdict == "POISONOUS" and s.note == "2nd: blue cap 40%"
+    assert screen([0.01, 0.97, 0.02]).note == ""  # a runner-up under 5 % is noise
