@@ -29,7 +29,9 @@ def save_press(root: Path, frames: list[np.ndarray], result: dict, max_mb: float
     A full disk costs the record, never the verdict: errors are logged and swallowed.
     """
     root = Path(root)
-    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000_000:09d}"
+    # One clock reading for both parts: two readings can straddle a second and sort a press before an older one.
+    now = time.time_ns()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now // 1_000_000_000)) + f"-{now % 1_000_000_000:09d}"
     final = root / f"{stamp}-{result.get('verdict', 'UNKNOWN')}"
     tmp = root / f".tmp-{stamp}"
     try:
