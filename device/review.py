@@ -36,7 +36,7 @@ h1 { font-size: 1.4em; margin: 0 0 .2em; }
          display: grid; grid-template-columns: 10em 1fr; gap: .5em 1.2em; }
 .badge { color: #fff; font-weight: 700; font-size: 1.2em; padding: .6em .4em; border-radius: 6px;
          text-align: center; align-self: start; grid-row: span 2; }
-.frames img { height: 120px; margin-right: 6px; border-radius: 4px; }
+.frames img { width: 160px; height: 120px; object-fit: cover; margin-right: 6px; border-radius: 4px; }
 .facts table { border-collapse: collapse; }
 .facts td { padding: 1px 8px 1px 0; vertical-align: top; }
 .bar { display: inline-block; height: .7em; background: #8ab4f8; }
