@@ -101,7 +101,7 @@ class Daemon:
 
     def start(self) -> None:
         from device.camera import open_camera
-        from device.display import Screen, open_display
+        from device.display import open_display
         from device.signals import Button, GpioSignals, use_mock_pins
 
         self.bundle, self.classifier = self.load_model(self.model_path(), self.cfg.selftest_at_start)
@@ -119,8 +119,7 @@ class Daemon:
         self.camera = open_camera(self.cfg.camera, size=self._camera_size(), jitter=self.cfg.camera_jitter)
         # The display last: a start that fails earlier leaves no display folder behind in laptop mode.
         self.display = self._open_display(open_display)
-        self._show(Screen(title=self.bundle.name, verdict="READY", detail=f"v{self.bundle.version}",
-                          note="press to identify", kind="ready"))
+        self.show_ready()
         self._write_status("running")
         if not self.once:
             self._open_press_ways()
@@ -264,6 +263,13 @@ class Daemon:
                                            self.cfg.captures.max_mb)
         return result
 
+    def show_ready(self) -> None:
+        """The model being served, and that a press is welcome (at start, after a reload, camera back)."""
+        from device.display import Screen
+
+        self._show(Screen(title=self.bundle.name, verdict="READY", detail=f"v{self.bundle.version}",
+                          note="press to identify", kind="ready"))
+
     def show_error(self, title: str, detail: str, press: int | None = None) -> None:
         """The error pattern and screen: no verdict, and a screen that cannot be mistaken for one."""
         from device.display import Screen
@@ -331,6 +337,7 @@ class Daemon:
         self.bundle, self.classifier = bundle, clf
         self.last_reload_error = None
         log.info("reloaded: now serving %s %s from %s", bundle.name, bundle.version, bundle.path)
+        self.show_ready()
         self._write_status("running")
         self.notifier.ready()
         return True
@@ -439,6 +446,7 @@ class Daemon:
         log.info("camera is back after %.1f s", now - self._camera_down_since)
         self._camera_down_since = None
         self.signals.off()
+        self.show_ready()
         return True
 
     def close(self) -> None:

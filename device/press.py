@@ -12,12 +12,14 @@ request has its verdict (``ok EDIBLE ...``), or ``error ...`` if that press fail
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import signal
 import socket
-import stat
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -196,11 +198,21 @@ def watch_enter(on_press: Callable[[], None], stream=None) -> threading.Thread |
     except (ValueError, OSError):  # closed stdin
         return None
 
+    if threading.current_thread() is threading.main_thread():
+        # `mushcam run &` in a shell: a background process that reads its terminal gets SIGTTIN, whose
+        # default action stops the whole daemon. Ignored, the read fails with EIO instead, and is retried.
+        signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+
     def read() -> None:
         while True:
             try:
                 line = stream.readline()
-            except (OSError, ValueError):
+            except OSError as e:
+                if e.errno == errno.EIO:  # in the background for now: Enter works again once it is in front
+                    time.sleep(1.0)
+                    continue
+                return
+            except ValueError:  # stdin closed
                 return
             if not line:
                 return  # end of input (Ctrl-D): keep running, just without Enter
@@ -210,9 +222,3 @@ def watch_enter(on_press: Callable[[], None], stream=None) -> threading.Thread |
     thread.start()
     return thread
 
-
-def is_socket(path: Path) -> bool:
-    try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
-    except OSError:
-        return False
