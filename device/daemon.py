@@ -297,7 +297,7 @@ class Daemon:
         """One line per press, as `run --once` prints and `mushcam press --wait` answers."""
         name = self.bundle.display_name(r.label) if r.label else "-"
         line = f"{r.verdict:<9} {r.confidence:6.1%}  {name}  ({r.decision.reason})"
-        if getattr(self, "last_capture", None):
+        if self.last_capture:
             line += f"  saved {self.last_capture}"
         return line
 
@@ -455,6 +455,7 @@ class Daemon:
         if self.press_server is not None:
             self.press_server.close()
             self.press_server = None
+        self._tell(self._take_waiters(), False, "the daemon stopped before answering")  # asked as it stopped
         for part in (self.signals, self.button, self.display, self.camera):
             if part is not None:
                 try:

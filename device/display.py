@@ -172,9 +172,10 @@ def render(screen: Screen, size: tuple[int, int] = (128, 64)) -> Image.Image:
     """Draw ``screen`` as a mode "1" image of ``size`` (width, height).
 
     Layout top to bottom: the verdict in big bold letters with the confidence right-aligned beside
-    it, the title, the detail, and at the bottom under a rule, always, the safety line. The verdict
-    shrinks to fit, then like the title and detail is cut with "..."; rows that do not fit the height
-    are left out (detail first), never the safety line.
+    it, the title, the detail, the note, and at the bottom under a rule, always, the safety line. The
+    verdict shrinks to fit, then like the other rows is cut with "..."; with all three rows the detail
+    and note are drawn at 9 px; rows that do not fit the height are left out (note first, then
+    detail), never the safety line.
     """
     width, height = size
     tall = height >= 48

@@ -137,6 +137,15 @@ def press_html(press: Path) -> str:
 </div></section>"""
 
 
+def _safe_press_html(press: Path) -> str:
+    try:
+        return press_html(press)
+    except (TypeError, ValueError, AttributeError, KeyError) as err:  # a record with fields of the wrong type
+        return (f'<section class="press" data-verdict="none"><div class="badge" style="background:{OTHER_COLOUR}">'
+                f"NO RECORD</div><div class=\"facts\"><b>{html.escape(press.name)}</b><br>result.json is damaged: "
+                f"{html.escape(str(err))}</div></section>")
+
+
 def render_review(root: Path, limit: int | None = None) -> str:
     """The review page for the captures folder ``root`` (the newest ``limit`` presses)."""
     root = Path(root)
@@ -147,7 +156,7 @@ def render_review(root: Path, limit: int | None = None) -> str:
     shown = presses[:limit] if limit else presses
     made = datetime.now(timezone.utc).isoformat(timespec="seconds")
     more = f" (the newest {len(shown)} shown)" if len(shown) < len(presses) else ""
-    body = "\n".join(press_html(p) for p in shown) or "<p>No presses saved yet.</p>"
+    body = "\n".join(_safe_press_html(p) for p in shown) or "<p>No presses saved yet.</p>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>mushcam review: {html.escape(str(root))}</title>
 <style>{STYLE}</style></head><body>

@@ -96,3 +96,11 @@ def test_the_page_renders_in_headless_chromium(captures, tmp_path):
     dom = subprocess.run([*common, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180).stdout
     badges = re.findall(r'class="badge"[^>]*>(\w[\w ]*)<', dom)
     assert badges == ["UNSURE", "POISONOUS", "EDIBLE", "NO RECORD"], badges
+
+
+def test_a_record_with_fields_of_the_wrong_type_is_shown_as_damaged(tmp_path):
+    press = tmp_path / "captures" / "20260101-000000-000000000-EDIBLE"
+    press.mkdir(parents=True)
+    (press / "result.json").write_text(json.dumps({"verdict": "EDIBLE", "thresholds": [1, 2], "top": [{"probability": "x"}]}))
+    page = render_review(tmp_path / "captures")
+    assert "result.json is damaged" in page and 'data-verdict="none"' in page
