@@ -2,8 +2,8 @@
 
 One thread does the work: the button's callback, `mushcam press` (a Unix socket), SIGUSR1, Enter in laptop
 mode and the other signal handlers only set flags and wake it, so presses that arrive while it is busy are
-coalesced into one (a bounded queue of one), SIGTERM is handled between steps, and the watchdog is pinged only while the loop really runs (a hung capture stops the
-pings, and systemd restarts the service).
+coalesced into one (a bounded queue of one), SIGTERM is handled between steps, and the watchdog is pinged
+only while the loop really runs (a hung capture stops the pings, and systemd restarts the service).
 """
 
 from __future__ import annotations
