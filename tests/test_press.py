@@ -217,3 +217,29 @@ def test_a_stale_socket_is_replaced_and_a_silent_daemon_times_out(tmp_path):
     assert issubclass(PressError, MushcamError)
     with pytest.raises(PressError, match="does not exist"):
         press(tmp_path / "nothing.sock")
+
+
+def test_laptop_defaults_keep_captures_here_and_fall_back_to_a_user_runtime_dir(tmp_path, monkeypatch):
+    from device import daemon
+    from device.cli import _press_socket
+    from device.config import CapturesConfig, Config
+
+    monkeypatch.setattr(daemon, "is_raspberry_pi", lambda: False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    (tmp_path / "xdg").mkdir()
+    monkeypatch.setattr(daemon, "_writable_dir", lambda path: False)  # an ordinary user and /run/mushcam
+    cfg = daemon.laptop_defaults(Config(), captures=None, captures_dir=None)
+    assert cfg.captures.enabled and cfg.captures.dir == "captures"
+    runtime = tmp_path / "xdg" / f"mushcam-{os.getuid()}"
+    assert cfg.status_file == str(runtime / "status.json")
+    assert stat.S_IMODE(runtime.stat().st_mode) == 0o700  # nobody else may press or rewrite the status
+    (runtime / "press.sock").touch()
+    assert _press_socket(None) == runtime / "press.sock"  # `mushcam press` finds it without a config
+
+    assert not daemon.laptop_defaults(Config(), captures=False, captures_dir=None).captures.enabled
+    own = Config(captures=CapturesConfig(enabled=False, dir="/srv/presses"))
+    assert daemon.laptop_defaults(own, None, None).captures == own.captures  # a config's [captures] wins
+    there = daemon.laptop_defaults(Config(), None, tmp_path / "elsewhere").captures
+    assert there.enabled and there.dir == str(tmp_path / "elsewhere")
+    monkeypatch.setattr(daemon, "is_raspberry_pi", lambda: True)
+    assert daemon.laptop_defaults(Config(), None, None) == Config()  # a Pi keeps its config as it is
