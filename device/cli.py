@@ -260,8 +260,11 @@ def review(
     limit: Annotated[Optional[int], typer.Option(min=1, help="Show only the newest N presses.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Take the captures folder from this config file.")] = None,
 ) -> None:
-    """Write a static HTML page of the saved presses, newest first: frames, verdict, top-3 species,
-    unknown-species score, model and time. One file, no server, no network."""
+    """Write one static HTML page of the saved presses, newest first (no server, no network).
+
+    Per press: its frames, the verdict, the top-3 species, the unknown-species score against its limit,
+    the model, the time and where each frame came from.
+    """
     from device.config import load_config
     from device.daemon import LAPTOP_CAPTURES_DIR, is_raspberry_pi
     from device.review import write_review
