@@ -59,9 +59,13 @@ def is_raspberry_pi() -> bool:
 class Daemon:
     """Owns the model, camera, LEDs, button, display and notifier for one run."""
 
-    def __init__(self, cfg: Config, *, once: bool = False, display_dir: Path | None = None, notifier: Notifier | None = None):
+    def __init__(self, cfg: Config, *, once: bool = False, display_dir: Path | None = None, notifier: Notifier | None = None,
+                 enter_presses: bool = False):
         self.cfg = cfg
         self.once = once
+        # Enter on stdin presses (laptop mode, stdin a terminal): `mushcam run` turns it on; a Daemon built
+        # inside another program (a test under `pytest -s`) must not read that program's terminal.
+        self.enter_presses = enter_presses
         self.display_dir = display_dir
         self.notifier = notifier or Notifier()
         self.on_pi = is_raspberry_pi()
@@ -129,7 +133,7 @@ class Daemon:
         from device.press import PressError, PressServer, watch_enter
 
         ways = [f"the button on GPIO{self.cfg.gpio.button}"]
-        if self.mock_factory is not None and watch_enter(self.request_press):
+        if self.enter_presses and self.mock_factory is not None and watch_enter(self.request_press):
             ways.insert(0, "Enter here")
         if self.cfg.status_file:
             from device.press import socket_path
@@ -517,7 +521,7 @@ def main(config: Path | None = None, camera: str | None = None, model: Path | No
         if cfg.captures.enabled:
             log.info("keeping each press in %s (see them: mushcam review %s --out review.html)", cfg.captures.dir,
                      cfg.captures.dir)
-    d = Daemon(cfg, once=once, display_dir=display_dir)
+    d = Daemon(cfg, once=once, display_dir=display_dir, enter_presses=True)
     handled = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGUSR1)
     old = {s: signal.getsignal(s) for s in handled}
     if threading.current_thread() is threading.main_thread():
