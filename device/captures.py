@@ -21,19 +21,26 @@ def _size(path: Path) -> int:
 def save_press(root: Path, frames: list[np.ndarray], result: dict, max_mb: float) -> Path | None:
     """Write `<root>/<time>-<verdict>/` (frame_N.jpg + result.json); return it, or None if the disk said no.
 
+    result.json is ``result`` plus ``press_id`` (the folder's name) and ``frames`` (the frame files, in
+    the order of ``result["frame_sources"]`` when the daemon gives it: where each frame came from).
+
     The press is written into a hidden temp folder and renamed into place, so a crash or SIGTERM never
     leaves a half-written capture. Oldest captures are removed until the folder fits in `max_mb`.
     A full disk costs the record, never the verdict: errors are logged and swallowed.
     """
     root = Path(root)
-    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000_000:09d}"
+    # One clock reading for both parts: two readings can straddle a second and sort a press before an older one.
+    now = time.time_ns()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now // 1_000_000_000)) + f"-{now % 1_000_000_000:09d}"
     final = root / f"{stamp}-{result.get('verdict', 'UNKNOWN')}"
     tmp = root / f".tmp-{stamp}"
     try:
         tmp.mkdir(parents=True)
-        for i, frame in enumerate(frames):
-            Image.fromarray(frame).save(tmp / f"frame_{i}.jpg", quality=90)
-        (tmp / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        names = [f"frame_{i}.jpg" for i in range(len(frames))]
+        for name, frame in zip(names, frames):
+            Image.fromarray(frame).save(tmp / name, quality=90)
+        record = {"press_id": final.name, **result, "frames": names}
+        (tmp / "result.json").write_text(json.dumps(record, indent=2) + "\n")
         tmp.rename(final)
     except OSError as e:
         log.warning("capture not saved (%s); the verdict was still given", e)

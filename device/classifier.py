@@ -29,6 +29,18 @@ class Result:
     ood_score: float | None
     latency_ms: float
     frames: int = 1
+    labels: tuple[str, ...] = ()  # the bundle's labels, in the order of `probs`
+
+    def ranked(self, k: int | None = None) -> list[tuple[str, float]]:
+        """(label, probability) pairs, most likely first; the top ``k`` if given."""
+        order = np.argsort(-np.asarray(self.probs), kind="stable")[:k]
+        return [(self.labels[i], float(self.probs[i])) for i in order]
+
+    @property
+    def runner_up(self) -> tuple[str, float] | None:
+        """The second most likely label and its probability (None with a single label)."""
+        top2 = self.ranked(2)
+        return top2[1] if len(top2) == 2 else None
 
     @property
     def label(self) -> str | None:
@@ -78,4 +90,4 @@ class Classifier:
         ood = None if any(o is None for o in oods) else max(oods)
         b = self.bundle
         decision = decide(mean, b.labels, b.classes, b.thresholds, ood)
-        return Result(decision, mean, ood, (time.perf_counter() - t0) * 1000.0, len(images))
+        return Result(decision, mean, ood, (time.perf_counter() - t0) * 1000.0, len(images), tuple(b.labels))

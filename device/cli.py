@@ -115,6 +115,14 @@ def _summary(classified: int, failed: int, skipped: list[Path]) -> str:
     return ", ".join(parts)
 
 
+def _labelled(bundle, pair: tuple[str, float] | None) -> dict | None:
+    """{"label", "display_name", "probability"} for a (label, probability) pair, or None."""
+    if pair is None:
+        return None
+    label, p = pair
+    return {"label": label, "display_name": bundle.display_name(label), "probability": round(p, 4)}
+
+
 @app.command()
 @one_line_errors
 def classify(
@@ -151,6 +159,7 @@ def classify(
                 "path": str(f), "label": r.label, "display_name": name, "confidence": round(r.confidence, 4),
                 "verdict": r.verdict, "reason": r.decision.reason,
                 "ood_score": None if r.ood_score is None else round(r.ood_score, 3),
+                "runner_up": _labelled(bundle, r.runner_up),
                 "latency_ms": round(r.latency_ms, 2),
             }))
         else:
@@ -239,11 +248,80 @@ def run(
     display_dir: Annotated[
         Optional[Path], typer.Option(help="Write every display frame as a PNG here (laptop mode).")
     ] = None,
+    captures_dir: Annotated[
+        Optional[Path], typer.Option(help="Keep every press (frames + result.json) here (laptop default: ./captures).")
+    ] = None,
+    no_captures: Annotated[bool, typer.Option("--no-captures", help="Keep no presses, whatever the config says.")] = False,
 ) -> None:
-    """Run the camera daemon: wait for button presses, capture, classify, signal the verdict."""
+    """Run the camera daemon: wait for button presses, capture, classify, signal the verdict.
+
+    Press with the button, `mushcam press`, `kill -USR1 PID`, or (laptop mode, in a terminal) Enter.
+    """
     from device.daemon import main as daemon_main
 
-    raise typer.Exit(daemon_main(config=config, camera=camera, model=model, once=once, display_dir=display_dir))
+    raise typer.Exit(daemon_main(config=config, camera=camera, model=model, once=once, display_dir=display_dir,
+                                 captures=False if no_captures else None, captures_dir=captures_dir))
+
+
+def _press_socket(config: Path | None) -> Path:
+    """The running daemon's press socket: beside the config's status file, or a laptop's fallback."""
+    from device.config import Config, load_config
+    from device.daemon import is_raspberry_pi, laptop_runtime_dir
+    from device.press import SOCKET_NAME, socket_path
+
+    cfg = load_config(config)
+    if not cfg.status_file:
+        _fail("the config has no status_file, so its daemon has no press socket; pass --socket")
+    path = socket_path(cfg.status_file)
+    fallback = laptop_runtime_dir() / SOCKET_NAME
+    if not path.exists() and cfg.status_file == Config().status_file and not is_raspberry_pi() and fallback.exists():
+        return fallback  # a laptop daemon that could not write /run/mushcam put it here
+    return path
+
+
+@app.command()
+@one_line_errors
+def press(
+    wait: Annotated[bool, typer.Option(help="Wait for the verdict and print it (exit 1 if none comes).")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="The daemon's config (its status_file locates the socket).")] = None,
+    socket: Annotated[Optional[Path], typer.Option(help="The daemon's press socket (default: beside its status file).")] = None,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the daemon.")] = 60.0,
+) -> None:
+    """Press the running daemon's shutter button (over its Unix socket; no network).
+
+    Exit 0 when the press was taken (with --wait: the verdict line was printed), 1 when there is no
+    daemon, the press failed, or no verdict came within --timeout.
+    """
+    from device.press import press as send_press
+
+    typer.echo(send_press(socket or _press_socket(config), wait=wait, timeout=timeout))
+
+
+@app.command()
+@one_line_errors
+def review(
+    captures_dir: Annotated[
+        Optional[Path], typer.Argument(help="Captures folder (default: ./captures on a laptop, the config's on a Pi).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("review.html"),
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Show only the newest N presses.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Take the captures folder from this config file.")] = None,
+) -> None:
+    """Write one static HTML page of the saved presses, newest first (no server, no network).
+
+    Per press: its frames, the verdict, the top-3 species, the unknown-species score against its limit,
+    the model, the time and where each frame came from.
+    """
+    from device.config import load_config
+    from device.daemon import LAPTOP_CAPTURES_DIR, is_raspberry_pi
+    from device.review import write_review
+
+    if captures_dir is None:
+        cfg = load_config(config)
+        laptop = not is_raspberry_pi() and config is None and not cfg.captures.enabled
+        captures_dir = Path(LAPTOP_CAPTURES_DIR if laptop else cfg.captures.dir)
+    n = write_review(captures_dir, out, limit)
+    typer.echo(f"wrote {out}: {n} press(es) from {captures_dir}")
 
 
 release_app = typer.Typer(

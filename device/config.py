@@ -50,6 +50,7 @@ class Config:
 
     model_dir: str = ""  # empty: /var/lib/mushcam/models/current if present, else the shipped model
     camera: str = "picamera2"
+    camera_jitter: bool = True  # fake camera only: the frames of one press differ slightly, as a real camera's do
     engine: str = "auto"
     threads: int = 0  # 0: the runtime's default
     frames_per_press: int = 3

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from device.cli import app
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-JSON_KEYS = {"path", "label", "display_name", "confidence", "verdict", "reason", "ood_score", "latency_ms"}
+JSON_KEYS = {"path", "label", "display_name", "confidence", "verdict", "reason", "ood_score", "runner_up", "latency_ms"}
 
 runner = CliRunner()
 
@@ -75,6 +75,9 @@ def test_classify_json(tiny_bundle):
         assert isinstance(row["confidence"], float) and 0.9 < row["confidence"] <= 1.0
         assert isinstance(row["latency_ms"], float) and row["latency_ms"] > 0
         assert row["label"] == Path(row["path"]).stem
+        second = row["runner_up"]
+        assert set(second) == {"label", "display_name", "probability"} and second["label"] != row["label"]
+        assert 0 <= second["probability"] <= 1 - row["confidence"] + 1e-3  # the second can only share what is left
     assert [x["verdict"] for x in rows] == ["POISONOUS", "POISONOUS", "EDIBLE"]
     assert r.stderr == ""  # --json output is for machines: no disclaimer mixed in
 
