@@ -126,7 +126,10 @@ def selftest(
         Optional[Path], typer.Option(help="Take require_signature/allowed_signers from this config file.")
     ] = None,
 ) -> None:
-    """Validate a bundle and check its sample photos give their expected labels (exit 0 pass, 1 fail)."""
+    """Validate a bundle and check its sample photos give their expected labels and verdicts (exit 0 pass, 1 fail).
+
+    Prints the thresholds in effect after the result line.
+    """
     from device.bundle import load_bundle
     from device.config import load_config
     from device.selftest import require_samples_pass
@@ -140,6 +143,7 @@ def selftest(
     checks = require_samples_pass(bundle)
     signed = f", signed by {bundle.signer}" if bundle.signer else ""
     typer.echo(f"selftest ok: {bundle.name} {bundle.version}, {len(checks)}/{len(checks)} samples{signed}")
+    typer.echo(bundle.thresholds_line())
 
 
 @app.command("check-config")

@@ -237,7 +237,10 @@ def test_edgetpu_failure_in_a_real_process(bundle_copy, edit_card):
 def test_selftest_passes(tiny_bundle):
     r = invoke("selftest", "--model", tiny_bundle)
     assert r.exit_code == 0, r.output
-    assert r.stdout.strip() == "selftest ok: tiny-colours 0.0.1, 3/3 samples"
+    first, thresholds = r.stdout.strip().splitlines()
+    assert first == "selftest ok: tiny-colours 0.0.1, 3/3 samples"
+    assert thresholds == ("thresholds in effect: edible_min_confidence=0.9, poisonous_max_mass=0.05, "
+                          "poisonous_min_confidence=0.5, ood_max_score=6.0")
 
 
 def test_selftest_fails_on_a_wrong_sample_label(bundle_copy, edit_card, tree_state):
@@ -370,3 +373,12 @@ def test_classify_threads(tiny_bundle):
     assert classify(tiny_bundle, "--threads", "2", sample).exit_code == 0
     r = classify(tiny_bundle, "--threads", "-1", sample)
     assert r.exit_code == 1 and len(r.stderr.splitlines()) == 1 and "bundle" not in r.stderr
+
+
+def test_selftest_on_a_100000_deep_card_is_one_line(bundle_copy):
+    """Issue 12 item 1: a 100,000-deep JSON card gave a RecursionError traceback in `mushcam selftest`."""
+    depth = 100_000
+    (bundle_copy / "model.json").write_text('{"a": ' + "[" * depth + "]" * depth + "}")
+    r = run_device("selftest", "--model", bundle_copy)
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [f"mushcam: error: {bundle_copy / 'model.json'}: JSON nested deeper than 32 levels; not a model card"]
