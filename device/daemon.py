@@ -30,6 +30,11 @@ EXIT_OK, EXIT_ERROR, EXIT_CAMERA = 0, 1, 3
 # Camera re-open back-off: quick at first (a loose cable), then every few seconds, never blocking the loop.
 CAMERA_BACKOFF_START, CAMERA_BACKOFF_MAX = 0.25, 4.0
 CHILD_SELFTEST_TIMEOUT_S = 120
+# The status file is read by deploy/flash.sh as a deploy user outside mushcam's group: world-readable
+# whatever the umask (the unit's UMask=0027 made it 0640, and every such flash waited out its timeout).
+# It holds the model's name, version and hash, the pid and counters: nothing secret.
+STATUS_FILE_MODE = 0o644
+STATUS_DIR_MODE = 0o755
 
 
 def is_raspberry_pi() -> bool:
@@ -97,6 +102,11 @@ class Daemon:
         self.button = Button(g.button, bounce_time=g.bounce_ms / 1000, when_pressed=self.request_press, pin_factory=factory)
         self.display = self._open_display(open_display)
         self.camera = open_camera(self.cfg.camera, size=self._camera_size())
+        if self.cfg.captures.enabled:
+            from device.captures import sweep_temporaries
+
+            # Before the first press: nothing of ours is being written, so every .tmp-* is a crash's leftover.
+            sweep_temporaries(Path(self.cfg.captures.dir))
         self._write_status("running")
 
     def _camera_size(self) -> tuple[int, int]:
@@ -233,8 +243,10 @@ class Daemon:
         }
         try:
             path = Path(self.cfg.status_file)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, status)
+            if not path.parent.is_dir():
+                path.parent.mkdir(parents=True)
+                path.parent.chmod(STATUS_DIR_MODE)  # the unit's UMask=0027 would make it 0750
+            write_json_atomic(path, status, mode=STATUS_FILE_MODE)
         except OSError as e:
             log.warning("cannot write status file %s: %s", self.cfg.status_file, e)
 
