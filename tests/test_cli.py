@@ -382,3 +382,38 @@ def test_selftest_on_a_100000_deep_card_is_one_line(bundle_copy):
     r = run_device("selftest", "--model", bundle_copy)
     assert r.returncode == 1
     assert r.stderr.splitlines() == [f"mushcam: error: {bundle_copy / 'model.json'}: JSON nested deeper than 32 levels; not a model card"]
+
+
+def _png16_grey(path: Path, w: int, h: int) -> Path:
+    """A real w x h 16-bit greyscale PNG, compressed row by row (no w x h array in the test's memory)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\0" + b"\x30\x00" * w
+    z = zlib.compressobj(6)
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("side, accepted", [(10_000, False), (3_400, True)])
+def test_png_peak_memory_fits_a_pi(tiny_bundle, tmp_path, side, accepted):
+    """Issue 12 item 10: a 10k x 10k 16-bit PNG peaked at 2.6 GB; now refused in one line, and the largest
+    accepted size (11.6 MP here) is shrunk before conversion and classified within 200 MB."""
+    big = _png16_grey(tmp_path / "big.png", side, side)
+    cmd = [sys.executable, "-m", "device", "classify", "--model", str(tiny_bundle), "--json", str(big)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    p = subprocess.run([sys.executable, "-c", RSS_PROBE, *cmd], cwd=REPO_ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    *out, rss = p.stdout.splitlines()
+    peak_mb = int(rss) / 1024
+    if accepted:
+        assert p.returncode == 0, p.stderr
+    else:
+        assert p.returncode == 1 and "too many pixels to decode safely on a Pi" in p.stderr
+        assert "Traceback" not in p.stderr
+    assert peak_mb <= 200, f"classify peaked at {peak_mb:.0f} MB"
