@@ -151,12 +151,24 @@ def selftest(
 def check_config(
     path: Annotated[Optional[Path], typer.Argument(help="Config file (default /etc/mushcam/config.toml).")] = None,
 ) -> None:
-    """Validate a config file and print the settings in effect."""
+    """Validate a config file and print the settings in effect.
+
+    Exit 1 on an error: anything that would stop the daemon (a bad key, type, value, camera or path), or
+    `require_signature` with no allowed-signers file on this machine. Warnings (a `model_dir` not there yet)
+    are printed and do not change the exit code.
+    """
     from dataclasses import asdict
 
-    from device.config import load_config
+    from device.config import load_config, machine_problems
 
     cfg = load_config(path)
+    errors, warnings = machine_problems(cfg)
+    for w in warnings:
+        typer.echo(f"mushcam: warning: {w}", err=True)
+    if errors:
+        for e in errors[1:]:
+            typer.echo(f"mushcam: error: {e}", err=True)
+        _fail(errors[0])
     typer.echo(json.dumps(asdict(cfg), indent=2))
     typer.echo(f"config ok; model bundle: {cfg.resolved_model_dir()}", err=True)
 

@@ -352,6 +352,10 @@ def main(config: Path | None = None, camera: str | None = None, model: Path | No
         print(f"mushcam: error: {e}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from device.config import machine_problems
+
+    for problem in sum(machine_problems(cfg), []):  # what check-config would say; the load then fails or not
+        log.warning("config: %s", problem)
     if once:
         cfg = with_overrides(cfg, status_file="")  # a one-shot demo is not the service: leave its status alone
     d = Daemon(cfg, once=once, display_dir=display_dir)

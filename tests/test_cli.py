@@ -417,3 +417,32 @@ def test_png_peak_memory_fits_a_pi(tiny_bundle, tmp_path, side, accepted):
         assert p.returncode == 1 and "too many pixels to decode safely on a Pi" in p.stderr
         assert "Traceback" not in p.stderr
     assert peak_mb <= 200, f"classify peaked at {peak_mb:.0f} MB"
+
+
+def test_check_config_refuses_a_missing_allowed_signers_and_warns_on_a_missing_model_dir(tmp_path):
+    """Issue 12 item 12: check-config said ok to `require_signature = true` with no allowed-signers file."""
+    p = tmp_path / "config.toml"
+    p.write_text(f'require_signature = true\nallowed_signers = "{tmp_path / "signers"}"\nmodel_dir = "{tmp_path / "m"}"\n')
+    r = invoke("check-config", p)
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.splitlines() == [
+        f"mushcam: warning: `model_dir` {tmp_path / 'm'} does not exist yet; the daemon will not start until a bundle is there",
+        f"mushcam: error: `allowed_signers` {tmp_path / 'signers'} does not exist, and `require_signature = true` makes "
+        "the daemon refuse every bundle without it; create it with the trusted public keys",
+    ]
+    (tmp_path / "signers").write_text("")
+    r = invoke("check-config", p)
+    assert r.exit_code == 0 and "mushcam: warning: `model_dir`" in r.stderr and "config ok" in r.stderr
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[captures]\ndir = "/"\n', "`captures.dir` = '/' is a system folder"),
+    ('model_dir = "models/x"\n', "must be an absolute path"),
+    ('status_file = "/etc/passwd"\n', "outside a runtime or state folder"),
+    ('camera = "usb:0"\n', "valid kinds: fake, opencv, picamera2"),
+])
+def test_check_config_refuses_what_a_config_could_abuse(tmp_path, text, words):
+    p = tmp_path / "config.toml"
+    p.write_text(text)
+    r = invoke("check-config", p)
+    assert r.exit_code == 1 and words in r.stderr and len(r.stderr.splitlines()) == 1
