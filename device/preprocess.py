@@ -30,9 +30,9 @@ Image.MAX_IMAGE_PIXELS = None
 # Anything decoded at full size (PNG, TIFF, WebP..., a progressive JPEG, any image without `min_size`):
 # measured over the process's own ~87 MB, a 24 MP image cost `mushcam classify` ~3.8 bytes a pixel
 # (RGB PNG, 8- or 16-bit) up to ~9.5 (palette PNG 8.5, RGBA 7.6, progressive 4:4:4 JPEG 9.5): 12 MP
-# keeps the worst of them near 200 MB. Lossless WebP cost ~16 bytes a pixel (libwebp decodes into its own
-# buffer first), so it gets half.
-_MAX_PIXELS = 12_000_000
+# keeps the worst of them near 200 MB; 12.2 MP admits a 4032x3024 phone photo (HEIC). Lossless WebP cost
+# ~16 bytes a pixel (libwebp decodes into its own buffer first), so it gets half.
+_MAX_PIXELS = 12_200_000
 _MAX_PIXELS_BY_FORMAT = {"WEBP": 6_000_000}
 # A baseline JPEG with `min_size` is scaled down by up to 8x as it is decoded: 400 MP is ~25 MB.
 _MAX_PIXELS_DRAFT = 400_000_000
@@ -133,7 +133,7 @@ def load_image(source: ImageSource, *, min_size: int | None = None) -> np.ndarra
             kind = "a baseline JPEG" if drafted else f"a {'progressive JPEG' if progressive else img.format or 'image'} decoded whole"
             raise ImageError(
                 f"{name}: {img.width}x{img.height} is too many pixels to decode safely on a Pi "
-                f"(at most {limit // 1_000_000} MP for {kind}); scale it down first"
+                f"(at most {limit / 1e6:g} MP for {kind}); scale it down first"
             )
         if drafted:
             img.draft("RGB", (min_size, min_size))
@@ -149,6 +149,15 @@ def load_image(source: ImageSource, *, min_size: int | None = None) -> np.ndarra
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except UnidentifiedImageError:
+        if _is_heif(source):
+            # The opener is registered on first need: the `heic` extra stays optional and costs nothing
+            # until an iPhone photo shows up.
+            if _register_heif():
+                return load_image(source, min_size=min_size)
+            raise ImageError(
+                f"{name}: a HEIC/HEIF photo; install the heic extra to decode it (pip install 'mushcam[heic]'), "
+                "or convert it to JPEG"
+            ) from None
         raise ImageError(f"{name}: not an image format mushcam can decode (use JPEG or PNG)") from None
     except (OSError, ValueError, SyntaxError) as e:
         # Pillow reports truncated or corrupt data as OSError/SyntaxError with a terse message.
@@ -173,6 +182,37 @@ def _reduce(img: Image.Image, min_size: int) -> Image.Image:
     elif img.mode == "1":
         img = img.convert("L")
     return img.reduce(factor)
+
+
+# ISO-BMFF brands of HEIF still images (`ftyp` box at offset 4); AVIF is left to Pillow itself.
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+_heif_registered = False
+
+
+def _is_heif(source: ImageSource) -> bool:
+    try:
+        if isinstance(source, bytes):
+            head = source[:12]
+        else:
+            with open(source, "rb") as f:  # type: ignore[arg-type]
+                head = f.read(12)
+    except (OSError, TypeError):
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
+
+
+def _register_heif() -> bool:
+    """Register pillow-heif's opener with Pillow once; False if it is not installed or already was."""
+    global _heif_registered
+    if _heif_registered:
+        return False
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    _heif_registered = True
+    return True
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
@@ -215,13 +255,22 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+# Downscales first average whole blocks of pixels (Image.reduce, in C, cheap), then resample the
+# remainder bilinearly: a 1280x960 camera frame to 224x224 took 11.6 ms in one bilinear pass and 1.2 ms
+# this way, a 640x480 frame 1.05 -> 0.66 ms (x86-64, medians). Training goes through this same function,
+# so the model learns from exactly these pixels.
+REDUCING_GAP = 1.0
+
+
 def resize(rgb: np.ndarray, size: tuple[int, int], mode: str = "center_crop") -> np.ndarray:
     """Resize an RGB uint8 array to size=(height, width) by `mode` (center_crop, stretch or pad)."""
     h, w = size
+    rgb = np.ascontiguousarray(rgb)
     src_h, src_w = rgb.shape[:2]
-    img = Image.fromarray(rgb)
+    # frombuffer shares the array's memory (fromarray copies a whole camera frame first).
+    img = Image.frombuffer("RGB", (src_w, src_h), rgb, "raw", "RGB", 0, 1)
     if mode == "stretch":
-        out = img.resize((w, h), Image.BILINEAR)
+        out = img.resize((w, h), Image.BILINEAR, reducing_gap=REDUCING_GAP)
     elif mode == "center_crop":
         # Crop the largest centred box with the target's aspect ratio, then scale it in one pass.
         target = w / h
@@ -230,12 +279,12 @@ def resize(rgb: np.ndarray, size: tuple[int, int], mode: str = "center_crop") ->
         else:
             cw, ch = float(src_w), src_w / target
         left, top = (src_w - cw) / 2, (src_h - ch) / 2
-        out = img.resize((w, h), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+        out = img.resize((w, h), Image.BILINEAR, box=(left, top, left + cw, top + ch), reducing_gap=REDUCING_GAP)
     elif mode == "pad":
         s = min(w / src_w, h / src_h)
         nw, nh = max(1, round(src_w * s)), max(1, round(src_h * s))
         out = Image.new("RGB", (w, h), (0, 0, 0))
-        out.paste(img.resize((nw, nh), Image.BILINEAR), ((w - nw) // 2, (h - nh) // 2))
+        out.paste(img.resize((nw, nh), Image.BILINEAR, reducing_gap=REDUCING_GAP), ((w - nw) // 2, (h - nh) // 2))
     else:
         raise ValueError(f"resize mode {mode!r} is not one of {', '.join(RESIZE_MODES)}")
     return np.asarray(out, dtype=np.uint8)
@@ -270,7 +319,8 @@ def _pixel_table(spec: InputSpec) -> np.ndarray:
 def to_tensor(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
     """A resized (h, w, 3) uint8 image -> the (1, h, w, 3) integer tensor; equal, value for value, to
     quantize(normalize(rgb, spec), spec)[None] (a test checks it)."""
-    return _pixel_table(spec)[rgb][None]
+    # np.take: the same lookup as table[rgb], about 3x faster on a 224x224x3 image.
+    return np.take(_pixel_table(spec), rgb)[None]
 
 
 def preprocess(image: ImageSource, spec: InputSpec) -> np.ndarray:
