@@ -155,6 +155,10 @@ class Bundle:
     # The verified bytes of every file in `files`, read once: the engine, the unknown-species score and
     # the self-test use these, never the files again (which may have changed since they were checked).
     data: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    # sha256 of the very card (and signature, when there is one) bytes that were verified and parsed: compare
+    # these with what was pushed rather than hashing the files again.
+    card_sha256: str = ""
+    signature_sha256: str | None = None
 
     @property
     def name(self) -> str:
@@ -404,19 +408,19 @@ def load_bundle(
     if not os.path.lexists(card_path):
         raise BundleError(f"{path}: no {CARD}; is this a model bundle? (mushcam-train export writes one)")
     card_bytes = read_capped(card_path, CARD_MAX_BYTES, "model card")
+    sig_path = path / SIGNATURE
+    sig_bytes = read_capped(sig_path, SIGNATURE_MAX_BYTES, "signature") if os.path.lexists(sig_path) else None
     signer = None
     if require_signature:
         from device.signing import verify_card  # ssh-keygen is only needed when signatures are required
 
         if allowed_signers is None or str(allowed_signers) == "":
             raise BundleError("signatures are required but no allowed_signers file is configured")
-        sig_path = path / SIGNATURE
-        if not os.path.lexists(sig_path):
+        if sig_bytes is None:
             raise SignatureError(
                 f"{path}: unsigned bundle (no {SIGNATURE}) but a signature is required; "
                 "sign it with `mushcam-train sign BUNDLE --key KEY`"
             )
-        sig_bytes = read_capped(sig_path, SIGNATURE_MAX_BYTES, "signature")
         signer = verify_card(card_bytes, sig_bytes, Path(allowed_signers), identity=identity, where=path)
     card = parse_card(card_bytes, card_path)
     labels, classes = _labels_and_classes(card)
@@ -465,6 +469,8 @@ def load_bundle(
             raise BundleError(f"model.json: `samples[{i}].verdict` is {verdict!r}; valid: {', '.join(VERDICTS)}")
         samples.append(Sample(path / name, s["label"], str(s.get("source", "")), verdict, name))
     data = _read_files(path, card, check_sha, signed=signer is not None)
-    bundle = Bundle(path, card, labels, classes, spec, logits, embedding, thresholds, samples, signer, data)
+    bundle = Bundle(path, card, labels, classes, spec, logits, embedding, thresholds, samples, signer, data,
+                    hashlib.sha256(card_bytes).hexdigest(),
+                    hashlib.sha256(sig_bytes).hexdigest() if sig_bytes is not None else None)
     log.info("bundle %s %s from %s: %s", bundle.name, bundle.version, path, bundle.thresholds_line())
     return bundle

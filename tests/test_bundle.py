@@ -398,3 +398,11 @@ def test_selftest_fails_on_a_non_finite_score(bundle_copy, edit_card, monkeypatc
     monkeypatch.setattr(Classifier, "scores", lambda self, image: (np.array([np.nan, 0.0, 0.0]), 1.0))
     with pytest.raises(BundleError, match="not finite"):
         require_samples_pass(load_bundle(bundle_copy))
+
+
+def test_the_bundle_records_the_hashes_of_the_card_and_signature_it_read(bundle_copy):
+    """For callers comparing with what was pushed (device.release): no second read of the files."""
+    b = load_bundle(bundle_copy)
+    assert b.card_sha256 == sha256_file(bundle_copy / "model.json") and b.signature_sha256 is None
+    (bundle_copy / "model.json.sig").write_text("-----BEGIN SSH SIGNATURE-----\n")
+    assert load_bundle(bundle_copy).signature_sha256 == sha256_file(bundle_copy / "model.json.sig")
