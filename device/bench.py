@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.bundle import Bundle
+from device.bundle import MODEL, Bundle
 from device.classifier import Classifier
 from device.engine import CpuEngine, make_interpreter
 from device.preprocess import load_image, resize, to_tensor
@@ -73,9 +73,10 @@ def stage_times(bundle: Bundle, image: Path, runs: int, threads: int | None) -> 
     return result
 
 
-def invoke_time(model: Path, runs: int, threads: int | None) -> dict:
-    """Raw invoke() of any .tflite (e.g. a float model for comparison) on a zero input."""
-    interp = make_interpreter(model, threads)
+def invoke_time(model: Path, runs: int, threads: int | None, content: bytes | None = None) -> dict:
+    """Raw invoke() of any .tflite (e.g. a float model for comparison; `content`: a bundle's verified bytes)
+    on a zero input."""
+    interp = make_interpreter(model, threads, content=content)
     d = interp.get_input_details()[0]
     interp.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
     for _ in range(3):
@@ -102,7 +103,7 @@ def run_bench(bundle: Bundle, image: Path, runs: int = 200, threads: list[int] |
     """All measurements as one JSON-able dict (the keys `--json` promises are at the top level)."""
     threads = threads or [1, 2, 4]
     stages = stage_times(bundle, image, runs, None)
-    per_threads = {str(n): invoke_time(bundle.model_path, runs, n) for n in threads}
+    per_threads = {str(n): invoke_time(bundle.model_path, runs, n, bundle.file_bytes(MODEL)) for n in threads}
     colds = [cold_start(bundle, image) for _ in range(3)]
     res = {
         "model": bundle.name, "version": bundle.version, "image": str(image), "runs": runs,

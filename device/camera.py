@@ -319,10 +319,8 @@ class PiCamera2Camera(Camera):
 CAMERAS = {"fake": FakeCamera, "opencv": OpenCVCamera, "picamera2": PiCamera2Camera}
 
 
-def open_camera(spec: str, size: tuple[int, int] | None = None, jitter: bool = True) -> Camera:
-    """Open the camera a config string names; ``size`` is the model input (width, height).
-
-    ``jitter`` is the fake camera's (see :class:`FakeCamera`); real cameras have their own.
+def parse_camera_spec(spec: str) -> tuple[str, str | int]:
+    """Check a camera config string without opening anything: (kind, argument) or one ConfigError line.
 
     ``fake:PATH`` (file, folder or glob), ``opencv`` / ``opencv:INDEX`` / ``opencv:/dev/videoN``,
     ``picamera2`` / ``picamera2:N`` (N: camera number on a Pi with two cameras).
@@ -331,15 +329,28 @@ def open_camera(spec: str, size: tuple[int, int] | None = None, jitter: bool = T
     kind = kind.strip().lower()
     if kind not in CAMERAS:
         raise ConfigError(
-            f"unknown camera {spec!r}; valid kinds: {', '.join(CAMERAS)} (fake:PATH, opencv:INDEX|PATH, picamera2)"
+            f"unknown camera {spec!r}; valid kinds: {', '.join(CAMERAS)} (fake:PATH, opencv:INDEX|PATH, picamera2[:N])"
         )
     if kind == "fake":
         if not arg:
             raise ConfigError("camera 'fake' needs a path: fake:PATH (an image, a folder or a glob)")
+        return kind, arg
+    arg = arg.strip()
+    if kind == "opencv":  # a number, or anything OpenCV opens by name (a device path, a file)
+        return kind, int(arg) if arg.isdigit() else (arg or 0)
+    if arg and not arg.isdigit():
+        raise ConfigError(f"camera {spec!r}: picamera2 takes a camera number (picamera2:1) or nothing")
+    return kind, int(arg) if arg else 0
+
+
+def open_camera(spec: str, size: tuple[int, int] | None = None, jitter: bool = True) -> Camera:
+    """Open the camera a config string names (see parse_camera_spec); ``size`` is the model input (width, height).
+
+    ``jitter`` is the fake camera's (see :class:`FakeCamera`); real cameras have their own.
+    """
+    kind, arg = parse_camera_spec(spec)
+    if kind == "fake":
         return FakeCamera(arg, size=size, jitter=jitter)
     if kind == "opencv":
-        arg = arg.strip()
-        return OpenCVCamera(int(arg) if arg.isdigit() else (arg or 0), size=size)
-    if arg and not arg.strip().isdigit():
-        raise ConfigError(f"camera {spec!r}: picamera2 takes a camera number (picamera2:1) or nothing")
-    return PiCamera2Camera(size=size, camera_num=int(arg) if arg else 0)
+        return OpenCVCamera(arg, size=size)
+    return PiCamera2Camera(size=size, camera_num=arg)

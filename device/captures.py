@@ -1,10 +1,18 @@
-"""Optional record of each press: its frames and its result, written atomically, within a disk budget."""
+"""Optional record of each press: its frames and its result, written atomically, within a disk budget.
+
+Only what this module wrote is ever deleted: folders named like a capture
+(`<YYYYmmdd-HHMMSS-NNNNNNNNN>-<VERDICT>`) and its own stale `.tmp-<stamp>` folders, never anything
+else a user keeps in the captures folder, and never through a symlink.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -13,9 +21,39 @@ from PIL import Image
 
 log = logging.getLogger("mushcam.captures")
 
+_STAMP = r"\d{8}-\d{6}-\d{9}"
+CAPTURE_NAME = re.compile(rf"{_STAMP}-[A-Z]+")  # what save_press names a finished capture
+TEMP_NAME = re.compile(rf"\.tmp-{_STAMP}")  # and the folder it writes one in
+
 
 def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    """Bytes under `path`, not following symlinks (lstat: a link counts as itself)."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+        for name in filenames + dirnames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _usable_root(root: Path) -> bool:
+    """The captures folder itself must not be a symlink: pruning through one deleted model releases."""
+    if root.is_symlink():
+        log.warning("captures folder %s is a symlink; refusing to write or prune through it", root)
+        return False
+    return True
+
+
+def _own_folders(root: Path, pattern: re.Pattern) -> list[Path]:
+    """Real (not symlinked) folders directly in `root` whose whole name matches `pattern`, oldest first."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    return sorted(Path(e.path) for e in entries
+                  if pattern.fullmatch(e.name) and stat.S_ISDIR(e.stat(follow_symlinks=False).st_mode))
 
 
 def save_press(root: Path, frames: list[np.ndarray], result: dict, max_mb: float) -> Path | None:
@@ -29,10 +67,15 @@ def save_press(root: Path, frames: list[np.ndarray], result: dict, max_mb: float
     A full disk costs the record, never the verdict: errors are logged and swallowed.
     """
     root = Path(root)
+    if not _usable_root(root):
+        return None
+    verdict = str(result.get("verdict", "UNKNOWN"))
+    if not re.fullmatch(r"[A-Z]+", verdict):  # the name must stay one prune recognises (and a plain name)
+        verdict = "UNKNOWN"
     # One clock reading for both parts: two readings can straddle a second and sort a press before an older one.
     now = time.time_ns()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now // 1_000_000_000)) + f"-{now % 1_000_000_000:09d}"
-    final = root / f"{stamp}-{result.get('verdict', 'UNKNOWN')}"
+    final = root / f"{stamp}-{verdict}"
     tmp = root / f".tmp-{stamp}"
     try:
         tmp.mkdir(parents=True)
@@ -50,12 +93,32 @@ def save_press(root: Path, frames: list[np.ndarray], result: dict, max_mb: float
     return final
 
 
+def sweep_temporaries(root: Path) -> int:
+    """Remove `.tmp-*` folders a crash left behind (run at daemon start, before any press); return how many."""
+    root = Path(root)
+    if not root.is_dir() or not _usable_root(root):
+        return 0
+    stale = _own_folders(root, TEMP_NAME)
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    if stale:
+        log.info("removed %d unfinished capture(s) left in %s", len(stale), root)
+    return len(stale)
+
+
 def prune(root: Path, max_mb: float) -> None:
-    """Delete the oldest captures until the folder holds at most max_mb."""
+    """Delete the oldest captures until the folder holds at most max_mb.
+
+    Only folders named like captures are deleted; stale `.tmp-*` folders count towards the budget until
+    sweep_temporaries removes them; anything else in the folder is left alone (and not counted).
+    """
+    root = Path(root)
+    if not _usable_root(root):
+        return
     budget = max_mb * 1024 * 1024
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    dirs = _own_folders(root, CAPTURE_NAME)
     sizes = {p: _size(p) for p in dirs}
-    total = sum(sizes.values())
+    total = sum(sizes.values()) + sum(_size(p) for p in _own_folders(root, TEMP_NAME))
     for p in dirs[:-1]:  # always keep the newest
         if total <= budget:
             break

@@ -61,7 +61,11 @@ class Classifier:
     def __init__(self, bundle: Bundle, engine: Engine | None = None, backend: str = "auto", threads: int | None = None):
         self.bundle = bundle
         self.engine = engine or load_engine(bundle, backend, threads)
-        self.ood = load_ood(bundle.ood_path) if bundle.ood_path else None
+        self.ood = None
+        if bundle.ood_file:
+            # The verified bytes; the score must be the kind the card's threshold was calibrated (and floored) for.
+            self.ood = load_ood(bundle.file_bytes(bundle.ood_file), name=bundle.ood_path,
+                                method=bundle.card["ood"].get("method", "mahalanobis"))
         if self.ood is not None and bundle.embedding is not None and self.ood.embedding_size != bundle.embedding.size:
             raise BundleError(
                 f"{bundle.ood_path}: made for {self.ood.embedding_size}-value embeddings but the model's have "

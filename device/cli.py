@@ -182,7 +182,10 @@ def selftest(
         Optional[Path], typer.Option(help="Take require_signature/allowed_signers from this config file.")
     ] = None,
 ) -> None:
-    """Validate a bundle and check its sample photos give their expected labels (exit 0 pass, 1 fail)."""
+    """Validate a bundle and check its sample photos give their expected labels and verdicts (exit 0 pass, 1 fail).
+
+    Prints the thresholds in effect after the result line.
+    """
     from device.bundle import load_bundle
     from device.config import load_config
     from device.selftest import require_samples_pass
@@ -196,6 +199,7 @@ def selftest(
     checks = require_samples_pass(bundle)
     signed = f", signed by {bundle.signer}" if bundle.signer else ""
     typer.echo(f"selftest ok: {bundle.name} {bundle.version}, {len(checks)}/{len(checks)} samples{signed}")
+    typer.echo(bundle.thresholds_line())
 
 
 @app.command("check-config")
@@ -203,12 +207,24 @@ def selftest(
 def check_config(
     path: Annotated[Optional[Path], typer.Argument(help="Config file (default /etc/mushcam/config.toml).")] = None,
 ) -> None:
-    """Validate a config file and print the settings in effect."""
+    """Validate a config file and print the settings in effect.
+
+    Exit 1 on an error: anything that would stop the daemon (a bad key, type, value, camera or path), or
+    `require_signature` with no allowed-signers file on this machine. Warnings (a `model_dir` not there yet)
+    are printed and do not change the exit code.
+    """
     from dataclasses import asdict
 
-    from device.config import load_config
+    from device.config import load_config, machine_problems
 
     cfg = load_config(path)
+    errors, warnings = machine_problems(cfg)
+    for w in warnings:
+        typer.echo(f"mushcam: warning: {w}", err=True)
+    if errors:
+        for e in errors[1:]:
+            typer.echo(f"mushcam: error: {e}", err=True)
+        _fail(errors[0])
     typer.echo(json.dumps(asdict(cfg), indent=2))
     typer.echo(f"config ok; model bundle: {cfg.resolved_model_dir()}", err=True)
 

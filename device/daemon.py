@@ -47,6 +47,12 @@ def _role(info) -> str:
         return role
     return "edible" if info.edibility == "edible" else "poisonous"
 
+# The status file is read by deploy/flash.sh as a deploy user outside mushcam's group: world-readable
+# whatever the umask (the unit's UMask=0027 made it 0640, and every such flash waited out its timeout).
+# It holds the model's name, version and hash, the pid and counters: nothing secret.
+STATUS_FILE_MODE = 0o644
+STATUS_DIR_MODE = 0o755
+
 
 def is_raspberry_pi() -> bool:
     """True on a Raspberry Pi (the device tree names the board); decides the laptop-mode defaults."""
@@ -123,6 +129,11 @@ class Daemon:
         self.camera = open_camera(self.cfg.camera, size=self._camera_size(), jitter=self.cfg.camera_jitter)
         # The display last: a start that fails earlier leaves no display folder behind in laptop mode.
         self.display = self._open_display(open_display)
+        if self.cfg.captures.enabled:
+            from device.captures import sweep_temporaries
+
+            # Before the first press: nothing of ours is being written, so every .tmp-* is a crash's leftover.
+            sweep_temporaries(Path(self.cfg.captures.dir))
         self.show_ready()
         self._write_status("running")
         if not self.once:
@@ -359,8 +370,10 @@ class Daemon:
         }
         try:
             path = Path(self.cfg.status_file)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, status)
+            if not path.parent.is_dir():
+                path.parent.mkdir(parents=True)
+                path.parent.chmod(STATUS_DIR_MODE)  # the unit's UMask=0027 would make it 0750
+            write_json_atomic(path, status, mode=STATUS_FILE_MODE)
         except OSError as e:
             log.warning("cannot write status file %s: %s", self.cfg.status_file, e)
 
@@ -513,6 +526,10 @@ def main(config: Path | None = None, camera: str | None = None, model: Path | No
         print(f"mushcam: error: {e}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from device.config import machine_problems
+
+    for problem in sum(machine_problems(cfg), []):  # what check-config would say; the load then fails or not
+        log.warning("config: %s", problem)
     if once:
         # A one-shot demo is not the service: leave its status alone, and keep no captures.
         cfg = with_overrides(cfg, status_file="", captures=CapturesConfig(enabled=False))

@@ -24,9 +24,17 @@ ImageSource = Union[str, os.PathLike, bytes, np.ndarray, Image.Image]
 RESIZE_MODES = ("center_crop", "stretch", "pad")
 INPUT_DTYPES = {"int8": np.int8, "uint8": np.uint8}
 
-# Pillow's decompression-bomb check warns on stderr past 89 MP; load_image applies its own limits instead.
+# Pillow's decompression-bomb check warns on stderr past 89 MP; load_image applies its own limits instead,
+# sized for a 1 GB Pi where the whole classify must stay under ~200 MB (measured: the process itself ~70 MB).
 Image.MAX_IMAGE_PIXELS = None
-_MAX_PIXELS = 100_000_000
+# Anything decoded at full size (PNG, TIFF, WebP..., a progressive JPEG, any image without `min_size`):
+# measured over the process's own ~87 MB, a 24 MP image cost `mushcam classify` ~3.8 bytes a pixel
+# (RGB PNG, 8- or 16-bit) up to ~9.5 (palette PNG 8.5, RGBA 7.6, progressive 4:4:4 JPEG 9.5): 12 MP
+# keeps the worst of them near 200 MB; 12.2 MP admits a 4032x3024 phone photo (HEIC). Lossless WebP cost
+# ~16 bytes a pixel (libwebp decodes into its own buffer first), so it gets half.
+_MAX_PIXELS = 12_200_000
+_MAX_PIXELS_BY_FORMAT = {"WEBP": 6_000_000}
+# A baseline JPEG with `min_size` is scaled down by up to 8x as it is decoded: 400 MP is ~25 MB.
 _MAX_PIXELS_DRAFT = 400_000_000
 
 # Transparent pixels become white, as the training photos were prepared.
@@ -115,15 +123,25 @@ def load_image(source: ImageSource, *, min_size: int | None = None) -> np.ndarra
             if path.exists() and path.stat().st_size == 0:
                 raise ImageError(f"{name}: empty file (0 bytes)")
             img = Image.open(path)
-        drafted = bool(min_size) and img.format == "JPEG"
+        # A progressive JPEG keeps every coefficient of the full image in memory however it is scaled.
+        progressive = img.format == "JPEG" and bool(img.info.get("progressive") or img.info.get("progression"))
+        drafted = bool(min_size) and img.format == "JPEG" and not progressive
         # Our own pixel limit replaces Pillow's: a JPEG decoded in draft mode is scaled down by up to 8x as
         # it is decoded, so a 108 MP phone photo is safe; anything else is decoded whole and stays capped.
-        limit = _MAX_PIXELS_DRAFT if drafted else _MAX_PIXELS
+        limit = _MAX_PIXELS_DRAFT if drafted else _MAX_PIXELS_BY_FORMAT.get(img.format, _MAX_PIXELS)
         if img.width * img.height > limit:
-            raise ImageError(f"{name}: {img.width}x{img.height} is too many pixels to decode safely; scale it down first")
+            kind = "a baseline JPEG" if drafted else f"a {'progressive JPEG' if progressive else img.format or 'image'} decoded whole"
+            raise ImageError(
+                f"{name}: {img.width}x{img.height} is too many pixels to decode safely on a Pi "
+                f"(at most {limit / 1e6:g} MP for {kind}); scale it down first"
+            )
         if drafted:
             img.draft("RGB", (min_size, min_size))
         img.load()  # decode now so a truncated file fails here, not later
+        if min_size:
+            # Shrink before any conversion: a 16-bit or palette image would otherwise be converted (and copied
+            # into numpy) at full size, several times the decoded bytes.
+            img = _reduce(img, min_size)
         img = ImageOps.exif_transpose(img)
         return _pil_to_rgb(img)
     except ImageError:
@@ -144,6 +162,26 @@ def load_image(source: ImageSource, *, min_size: int | None = None) -> np.ndarra
     except (OSError, ValueError, SyntaxError) as e:
         # Pillow reports truncated or corrupt data as OSError/SyntaxError with a terse message.
         raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
+
+
+def _reduce(img: Image.Image, min_size: int) -> Image.Image:
+    """Box-shrink by a whole factor while both sides stay >= min_size (as JPEG draft mode does)."""
+    factor = min(img.width, img.height) // min_size
+    if factor < 2:
+        return img
+    info = img.info
+    if img.mode.startswith("I;16"):  # Pillow's reduce does not take 16-bit greyscale: average in numpy
+        a = np.asarray(img)
+        h, w = a.shape[0] // factor, a.shape[1] // factor
+        a = a[: h * factor, : w * factor].reshape(h, factor, w, factor).mean(axis=(1, 3))
+        out = Image.fromarray(np.round(a).astype(np.uint16))
+        out.info = info
+        return out
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    elif img.mode == "1":
+        img = img.convert("L")
+    return img.reduce(factor)
 
 
 # ISO-BMFF brands of HEIF still images (`ftyp` box at offset 4); AVIF is left to Pillow itself.

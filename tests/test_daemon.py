@@ -351,3 +351,41 @@ def test_the_verdict_screen_names_the_poisonous_look_alike_or_the_runner_up(tmp_
     s = screen([0.05, 0.55, 0.40])
     assert s.verdict == "POISONOUS" and s.note == "2nd: blue cap 40%"
     assert screen([0.01, 0.97, 0.02]).note == ""  # a runner-up under 5 % is noise
+
+
+def test_status_file_is_world_readable_under_the_units_umask(tmp_path, bundle, mock_pins):
+    """Issue 12 item 7: under the unit's UMask=0027 the status file was 0640 mushcam:mushcam, so a deploy
+    user outside the group could never confirm a flash. Its mode (and a folder the daemon makes for it)
+    is set explicitly."""
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        cfg = make_cfg(tmp_path, bundle)
+        cfg.status_file = str(tmp_path / "run" / "mushcam" / "status.json")
+        d = Daemon(cfg)
+        try:
+            d.start()
+        finally:
+            d.close()
+    finally:
+        os.umask(old)
+    status = Path(cfg.status_file)
+    assert json.loads(status.read_text())["state"] == "stopped"
+    assert stat.S_IMODE(status.stat().st_mode) == 0o644
+    assert stat.S_IMODE(status.parent.stat().st_mode) == 0o755
+
+
+def test_start_sweeps_the_captures_a_crash_left_unfinished(tmp_path, bundle, mock_pins):
+    cap = tmp_path / "captures"
+    stale = cap / ".tmp-20260101-000000-000000001"
+    stale.mkdir(parents=True)
+    (stale / "frame_0.jpg").write_bytes(b"\0" * 1000)
+    keep = cap / "holiday-2019"
+    keep.mkdir()
+    d = Daemon(make_cfg(tmp_path, bundle, captures=CapturesConfig(enabled=True, dir=str(cap), max_mb=1)))
+    try:
+        d.start()
+    finally:
+        d.close()
+    assert not stale.exists() and keep.is_dir()
