@@ -252,12 +252,11 @@ class ReleaseStore:
         bundle = load_bundle(
             path, check_sha=True, require_signature=policy.require_signature, allowed_signers=policy.allowed_signers
         )
-        if policy.card_sha256 is not None and sha256_file(path / CARD) != policy.card_sha256:
+        # Compare the hashes of the very bytes load_bundle verified and parsed (never a second read).
+        if policy.card_sha256 is not None and bundle.card_sha256 != policy.card_sha256:
             raise ReleaseError(f"{path / CARD}: sha256 differs from the card that was pushed; the copy was changed")
-        if policy.signature_sha256 is not None:
-            sig = path / SIGNATURE
-            if not sig.is_file() or sha256_file(sig) != policy.signature_sha256:
-                raise ReleaseError(f"{sig}: missing or differs from the signature that was pushed")
+        if policy.signature_sha256 is not None and bundle.signature_sha256 != policy.signature_sha256:
+            raise ReleaseError(f"{path / SIGNATURE}: missing or differs from the signature that was pushed")
         release_name(bundle)  # the version must be a plain name before it names a directory
         return bundle
 
