@@ -77,7 +77,7 @@ def classify(
     model: ModelOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per input per line.")] = False,
     engine: Annotated[str, typer.Option(help="Inference engine: auto, cpu or edgetpu.")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for the interpreter.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for the interpreter (default: one per core).")] = None,
 ) -> None:
     """Classify photos and print a verdict for each. Exit 0 if all were classified, 1 if some failed."""
     from device.bundle import load_bundle

@@ -51,7 +51,7 @@ class Config:
     model_dir: str = ""  # empty: /var/lib/mushcam/models/current if present, else the shipped model
     camera: str = "picamera2"
     engine: str = "auto"
-    threads: int = 0  # 0: the runtime's default
+    threads: int = 0  # 0: one interpreter thread per core (device.engine.default_threads)
     frames_per_press: int = 3
     status_file: str = "/run/mushcam/status.json"
     require_signature: bool = False
