@@ -1,0 +1,147 @@
+"""train/arch.py and `mushcam-train evaluate --arch aarch64`: per-photo differences between two CPUs, the
+margins suggested from them, and the CLI path through a stand-in for deploy/pi-check.sh."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from device.bundle import load_bundle
+from train import arch
+from train.cli import app
+
+
+def row(path, probs, ood, bundle):
+    from device.verdict import decide
+
+    d = decide(probs, bundle.labels, bundle.classes, bundle.thresholds, ood)
+    return {"path": path, "label": d.label, "confidence": d.confidence, "verdict": d.verdict.value,
+            "ood_score": ood, "poisonous_mass": d.poisonous_mass, "latency_ms": 1.0,
+            "probs": dict(zip(bundle.labels, probs))}
+
+
+@pytest.fixture
+def tiny(tiny_bundle):
+    return load_bundle(tiny_bundle)  # labels red_cap (edible), green_cap, blue_cap; edible >= 0.9, ood <= 6
+
+
+def test_identical_rows_need_no_margin(tiny):
+    rows = [row("a", [0.95, 0.03, 0.02], 1.0, tiny), row("b", [0.1, 0.8, 0.1], 2.0, tiny)]
+    j = arch.jitter(tiny, rows, [dict(r) for r in rows], known=2)
+    assert j["verdict_flips"] == 0 and j["suggested"] == {"confidence_margin": 0.0, "ood_margin": 0.0}
+    assert j["abs_delta_confidence"]["max"] == 0.0 and j["verdict_differences_with_suggested"] == 0
+
+
+def test_a_flip_across_the_edible_threshold_sets_the_margin(tiny):
+    # UNSURE on one CPU (0.88), EDIBLE on the other (0.96): the band must cover the 0.08 between them.
+    x86 = [row("a", [0.88, 0.06, 0.06], 1.0, tiny), row("b", [0.2, 0.7, 0.1], 1.0, tiny)]
+    arm = [row("a", [0.96, 0.02, 0.02], 1.004, tiny), row("b", [0.2, 0.7, 0.1], 1.0, tiny)]
+    j = arch.jitter(tiny, x86, arm, known=2)
+    assert j["verdict_flips"] == 1 and j["flips"][0]["x86_64"] == "UNSURE" and j["flips"][0]["aarch64"] == "EDIBLE"
+    assert j["hard_disagreements_at_zero_margin"] == 1
+    assert j["suggested"]["ood_margin"] == 0.004
+    m = j["suggested"]["confidence_margin"]
+    assert 0.06 < m <= 0.08 + 1e-9  # 0.96 must fall short of 0.9 + m
+    # With the suggested margins, neither CPU says EDIBLE on photo a: they may still differ, but only as UNSURE.
+    assert arch.hard_disagreements(tiny, list(zip(x86, arm)), m, 0.004) == []
+    assert arch.hard_disagreements(tiny, list(zip(x86, arm)), m - 0.01, 0.004) == [0]
+    assert j["near_thresholds"]["photos"] == 1 and j["near_thresholds"]["verdict_flips"] == 1
+
+
+def test_an_ood_difference_across_the_limit_is_caught(tiny):
+    x86 = [row("a", [0.97, 0.02, 0.01], 5.99, tiny)]
+    arm = [row("a", [0.97, 0.02, 0.01], 6.01, tiny)]  # unfamiliar on the Pi: UNSURE
+    j = arch.jitter(tiny, x86, arm, known=1)
+    assert (j["flips"][0]["x86_64"], j["flips"][0]["aarch64"]) == ("EDIBLE", "UNSURE")
+    assert j["suggested"]["ood_margin"] == pytest.approx(0.02)
+    strict = replace(tiny.thresholds, ood_margin=j["suggested"]["ood_margin"])
+    assert arch._decide(tiny, x86[0], strict).value == "UNSURE"
+
+
+def test_unseen_species_are_counted_apart(tiny):
+    x86 = [row("a", [0.97, 0.02, 0.01], 1.0, tiny), row("u", [0.95, 0.03, 0.02], 1.0, tiny)]
+    arm = [dict(r) for r in x86]
+    j = arch.jitter(tiny, x86, arm, known=1)
+    assert (j["known_species"], j["unseen_species"]) == (1, 1)
+    assert j["edible_on"] == {"x86_64": 1, "aarch64": 1}
+
+
+def test_errors_on_either_side_are_left_out(tiny):
+    ok = row("a", [0.97, 0.02, 0.01], 1.0, tiny)
+    j = arch.jitter(tiny, [ok, {"path": "b", "error": "bad"}], [dict(ok), row("b", [0.97, 0.02, 0.01], 1.0, tiny)], 2)
+    assert j["photos"] == 1
+
+
+def test_common_dirs():
+    got = arch._common_dirs([Path("/a/b/c/1.jpg"), Path("/a/b/2.jpg"), Path("/x/3.jpg")])
+    assert got == [Path("/a/b"), Path("/x")]
+
+
+# --- the CLI, with a stand-in for deploy/pi-check.sh that runs this machine's classifier ---------------
+
+FAKE_PI_CHECK = """#!/bin/bash
+# stand-in: `exec [--bind DIR]... -- /opt/mushcam/venv/bin/mushcam ARGS`; records the binds, runs ARGS here,
+# and nudges the first photo's confidence as another CPU might.
+[[ $1 == exec ]] || exit 9
+shift
+while [[ $1 == --bind ]]; do echo "$2" >>"{log}"; shift 2; done
+[[ $1 == -- && $2 == /opt/mushcam/venv/bin/mushcam ]] || exit 9
+shift 2
+"{python}" -m device "$@" | "{python}" -c '
+import json, sys
+for i, line in enumerate(sys.stdin):
+    r = json.loads(line)
+    if i == 0:
+        r["confidence"] -= 0.01
+    print(json.dumps(r))
+'
+"""
+
+
+@pytest.fixture
+def data_dir(tiny_bundle, tmp_path):
+    d = tmp_path / "data"
+    for f in (tiny_bundle / "samples").iterdir():
+        (d / f.stem).mkdir(parents=True)
+        shutil.copy(f, d / f.stem / f.name)
+    return d
+
+
+def test_evaluate_arch_aarch64_records_both_and_the_jitter(bundle_copy, data_dir, tmp_path, monkeypatch):
+    log = tmp_path / "binds.log"
+    fake = tmp_path / "pi-check.sh"
+    fake.write_text(FAKE_PI_CHECK.format(log=log, python=sys.executable))
+    monkeypatch.setattr(arch, "PI_CHECK", fake)
+    unseen = tmp_path / "unseen" / "some_taxon"
+    unseen.mkdir(parents=True)
+    shutil.copy(data_dir / "red_cap" / "red_cap.jpg", unseen / "x.jpg")
+    r = CliRunner().invoke(app, ["evaluate", str(bundle_copy), str(data_dir), "--arch", "aarch64", "--json",
+                                 "--record", "--unseen", str(tmp_path / "unseen")])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["x86_64"]["n"] == out["aarch64"]["n"] == 3
+    j = out["arch_jitter"]
+    assert (j["photos"], j["unseen_species"]) == (4, 1)
+    assert j["abs_delta_confidence"]["max"] == pytest.approx(0.01)
+    # Every photo folder and the bundle were bind-mounted into the root.
+    binds = set(log.read_text().split())
+    assert str(bundle_copy.resolve()) in binds and str(unseen.resolve()) in binds
+    card = json.loads((bundle_copy / "model.json").read_text())
+    assert {"test", "test_aarch64", "arch_jitter"} <= set(card["metrics"])
+    assert card["metrics"]["arch_jitter"]["suggested"] == j["suggested"]
+    load_bundle(bundle_copy)  # still a valid bundle
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--arch", "arm"], "x86_64, aarch64"),
+    (["--unseen", "."], "--arch aarch64"),
+])
+def test_evaluate_arch_options_are_checked(tiny_bundle, data_dir, args, message):
+    r = CliRunner().invoke(app, ["evaluate", str(tiny_bundle), str(data_dir), *args])
+    assert r.exit_code == 2 and message in r.output

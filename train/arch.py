@@ -1,0 +1,187 @@
+"""The evaluation on the Pi's architecture, and how far its answers are from this machine's.
+
+The int8 kernels differ between x86-64 and aarch64 (the Pi): with bit-identical input tensors the same
+model gives slightly different logits and embeddings, so a photo near a threshold can get another verdict
+on the Pi. `classify_in_pi_root` runs the device's own code (`mushcam classify --json --probs`, installed
+by deploy/install.sh) in the emulated Debian 12 arm64 root that `make pi-check` builds; `jitter` compares
+its per-photo figures with this machine's and suggests the margins (`thresholds.confidence_margin`,
+`thresholds.ood_margin`) that stop either CPU from giving a verdict the other would not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from device.bundle import Bundle
+from device.errors import DataError
+from device.verdict import Verdict, decide
+
+PI_CHECK = Path(__file__).resolve().parent.parent / "deploy" / "pi-check.sh"
+ROOT_MUSHCAM = "/opt/mushcam/venv/bin/mushcam"
+ARCHES = ("x86_64", "aarch64")
+# A photo is "near a threshold" when either CPU puts its confidence within this of a confidence
+# threshold, or its unknown-species score within this fraction of the limit.
+NEAR_CONFIDENCE = 0.1
+NEAR_OOD_FRACTION = 0.1
+MARGIN_STEP = 0.005  # grid of the suggested confidence margin
+MAX_MARGIN = 0.5
+
+
+def _common_dirs(paths: list[Path]) -> list[Path]:
+    """The fewest folders that hold every path (each bind-mounted once into the root)."""
+    dirs = sorted({Path(p).resolve().parent for p in paths})
+    out: list[Path] = []
+    for d in dirs:
+        if not any(d == o or o in d.parents for o in out):
+            out.append(d)
+    return out
+
+
+def classify_in_pi_root(bundle_path: Path, paths: list[Path], threads: int | None = None,
+                        pi_check: Path | None = None) -> list[dict]:
+    """Rows of `mushcam classify --json --probs` run on aarch64 (in the arm64 root), in `paths`' order.
+
+    Photos and bundle are bind-mounted read-only at their own absolute paths. Needs root and a root
+    built by `make pi-check` (which installs this checkout's device code there).
+    """
+    bundle_path = Path(bundle_path).resolve()
+    files = [Path(p).resolve() for p in paths]
+    binds = []
+    for d in _common_dirs(files + [bundle_path / "model.json"]):
+        binds += ["--bind", str(d)]
+    cmd = ["bash", str(pi_check or PI_CHECK), "exec", *binds, "--", ROOT_MUSHCAM, "classify", "--json", "--probs",
+           "--engine", "cpu", "--model", str(bundle_path)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    out = subprocess.run(cmd + [str(f) for f in files], capture_output=True, text=True)
+    if out.returncode not in (0, 1):  # 1: some photos failed to decode, they are rows with "error"
+        last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
+        raise DataError(f"classifying in the arm64 root failed: {last} (run `make pi-check` first, as root)")
+    rows = {r["path"]: r for r in map(json.loads, out.stdout.splitlines())}
+    missing = [f for f in files if str(f) not in rows]
+    if missing:
+        raise DataError(f"the arm64 root gave no result for {len(missing)} photo(s), e.g. {missing[0]}")
+    return [rows[str(f)] for f in files]
+
+
+def _stats(xs) -> dict:
+    a = np.abs(np.asarray([x for x in xs if x is not None], dtype=float))
+    if a.size == 0:
+        return {"n": 0}
+    return {"n": int(a.size), "max": float(a.max()), "p99": float(np.percentile(a, 99)),
+            "median": float(np.median(a))}
+
+
+def _decide(bundle: Bundle, row: dict, thresholds) -> Verdict:
+    return decide([row["probs"][lab] for lab in bundle.labels], bundle.labels, bundle.classes, thresholds,
+                  row["ood_score"]).verdict
+
+
+def hard_disagreements(bundle: Bundle, pairs: list[tuple[dict, dict]], confidence_margin: float,
+                       ood_margin: float) -> list[int]:
+    """Photos where one CPU, with these margins, says EDIBLE or POISONOUS and the other, at the raw
+    thresholds, does not say the same: the answers the margins exist to prevent."""
+    raw = replace(bundle.thresholds, confidence_margin=0.0, ood_margin=0.0)
+    strict = replace(raw, confidence_margin=confidence_margin, ood_margin=ood_margin)
+    bad = []
+    for i, (a, b) in enumerate(pairs):
+        for one, other in ((a, b), (b, a)):
+            v = _decide(bundle, one, strict)
+            if v is not Verdict.UNSURE and _decide(bundle, other, raw) is not v:
+                bad.append(i)
+                break
+    return bad
+
+
+def jitter(bundle: Bundle, x86: list[dict], arm: list[dict], known: int) -> dict:
+    """Per-photo differences between the two CPUs' rows (same photos, same order; the first `known`
+    are of the model's species, the rest unseen species), and the margins that absorb them."""
+    pairs = [(a, b) for a, b in zip(x86, arm) if "error" not in a and "error" not in b]
+    if not pairs:
+        raise DataError("no photo was classified on both architectures")
+    t = bundle.thresholds
+    conf_thresholds = (t.edible_min_confidence, t.poisonous_min_confidence)
+    dconf = [a["confidence"] - b["confidence"] for a, b in pairs]
+    dood = [None if a["ood_score"] is None or b["ood_score"] is None else a["ood_score"] - b["ood_score"]
+            for a, b in pairs]
+
+    def near(a, b) -> bool:
+        for r in (a, b):
+            if any(abs(r["confidence"] - c) <= NEAR_CONFIDENCE for c in conf_thresholds):
+                return True
+            if t.ood_max_score is not None and r["ood_score"] is not None and \
+                    abs(r["ood_score"] - t.ood_max_score) <= NEAR_OOD_FRACTION * t.ood_max_score:
+                return True
+        return False
+
+    near_idx = [i for i, (a, b) in enumerate(pairs) if near(a, b)]
+    flips = [{"path": a["path"], "x86_64": a["verdict"], "aarch64": b["verdict"],
+              "x86_64_label": a["label"], "aarch64_label": b["label"],
+              "confidence": [round(a["confidence"], 4), round(b["confidence"], 4)],
+              "ood_score": [a["ood_score"], b["ood_score"]]}
+             for a, b in pairs if a["verdict"] != b["verdict"]]
+    ood_margin = 0.0
+    od = _stats(dood)
+    if od["n"]:
+        ood_margin = math.ceil(round(od["max"] * 1000, 6)) / 1000  # the largest seen, rounded up to 0.001
+    conf_margin = None
+    for k in range(int(round(MAX_MARGIN / MARGIN_STEP)) + 1):
+        m = round(k * MARGIN_STEP, 6)
+        if not hard_disagreements(bundle, pairs, m, ood_margin):
+            conf_margin = m
+            break
+    strict = replace(t, confidence_margin=conf_margin or 0.0, ood_margin=ood_margin)
+    left = sum(_decide(bundle, a, strict) is not _decide(bundle, b, strict) for a, b in pairs)
+    n_known = sum(1 for a, b in zip(x86[:known], arm[:known]) if "error" not in a and "error" not in b)
+    return {
+        "photos": len(pairs),
+        "known_species": n_known,
+        "unseen_species": len(pairs) - n_known,
+        "verdict_flips": len(flips),
+        "label_flips": sum(a["label"] != b["label"] for a, b in pairs),
+        "flips": flips,
+        "abs_delta_confidence": _stats(dconf),
+        "abs_delta_ood": od,
+        "near_thresholds": {
+            "photos": len(near_idx),
+            "abs_delta_confidence": _stats(dconf[i] for i in near_idx),
+            "abs_delta_ood": _stats(dood[i] for i in near_idx),
+            "verdict_flips": sum(pairs[i][0]["verdict"] != pairs[i][1]["verdict"] for i in near_idx),
+        },
+        "hard_disagreements_at_zero_margin": len(hard_disagreements(bundle, pairs, 0.0, 0.0)),
+        # None: no confidence margin up to MAX_MARGIN removes them (a poisonous-mass difference, say).
+        "suggested": {"confidence_margin": conf_margin, "ood_margin": ood_margin},
+        "verdict_differences_with_suggested": left,
+        "edible_on": {arch: sum(r["verdict"] == "EDIBLE" for r in rows[known:] if "error" not in r)
+                      for arch, rows in (("x86_64", x86), ("aarch64", arm))},
+    }
+
+
+def format_jitter(j: dict) -> str:
+    """A few lines for the terminal."""
+    def st(s):
+        return "-" if not s.get("n") else f"max {s['max']:.4f}  p99 {s['p99']:.4f}  median {s['median']:.4f}"
+
+    nt = j["near_thresholds"]
+    lines = [
+        f"x86-64 vs aarch64 on {j['photos']} photos ({j['known_species']} of known species, "
+        f"{j['unseen_species']} unseen): {j['verdict_flips']} verdict flip(s), {j['label_flips']} label flip(s)",
+        f"  |d confidence|    {st(j['abs_delta_confidence'])}",
+        f"  |d ood score|     {st(j['abs_delta_ood'])}",
+        f"  near a threshold ({nt['photos']} photos, {nt['verdict_flips']} flips): "
+        f"|d conf| {st(nt['abs_delta_confidence'])}; |d ood| {st(nt['abs_delta_ood'])}",
+        f"  unseen species answered EDIBLE: x86-64 {j['edible_on']['x86_64']}, aarch64 {j['edible_on']['aarch64']}",
+        f"  suggested margins: confidence {j['suggested']['confidence_margin']}, ood {j['suggested']['ood_margin']} "
+        f"(one-sided disagreements at 0: {j['hard_disagreements_at_zero_margin']}; verdict differences left with "
+        f"them: {j['verdict_differences_with_suggested']}, each UNSURE on one side)",
+    ]
+    for f in j["flips"]:
+        lines.append(f"    flip {Path(f['path']).name}: x86 {f['x86_64']} {f['x86_64_label']} {f['confidence'][0]} / "
+                     f"aarch64 {f['aarch64']} {f['aarch64_label']} {f['confidence'][1]}")
+    return "\n".join(lines)
