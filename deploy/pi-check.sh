@@ -58,7 +58,7 @@ setup_qemu() {
 # remove_root: only ever delete the root with nothing mounted in it, and never across file systems.
 remove_root() {
 	[[ -e $ROOT ]] || return 0
-	if grep -q " $ROOT[/ ]" /proc/self/mounts; then
+	if grep -q " ${ROOT}[/ ]" /proc/self/mounts; then
 		die "$ROOT still has file systems mounted; unmount them before it can be removed"
 	fi
 	rm -rf --one-file-system -- "$ROOT"
@@ -83,10 +83,15 @@ in_root() {
 		PIP_* | http_proxy | https_proxy | no_proxy | HTTP_PROXY | HTTPS_PROXY | NO_PROXY) env+=("$v=${!v}") ;;
 		esac
 	done
+	mkdir -p -- "$WORK/pip-cache"
+	# shellcheck disable=SC2016 # the inner script expands its own arguments, in the new namespace
 	unshare --mount --propagation private --fork --pid -- bash -euo pipefail -c '
-		root=$1; nbinds=$2; shift 2
+		root=$1; cache=$2; nbinds=$3; shift 3
 		mount -t proc proc "$root/proc"
 		mount --bind /dev "$root/dev"
+		# pip downloads kept outside the root, so a rebuilt root does not fetch every wheel again.
+		mkdir -p "$root/root/.cache/pip"
+		mount --bind "$cache" "$root/root/.cache/pip"
 		for ((i = 0; i < nbinds; i++)); do
 			mkdir -p -- "$root$1"
 			mount --bind -- "$1" "$root$1"
@@ -94,7 +99,7 @@ in_root() {
 			shift
 		done
 		exec chroot "$root" /usr/bin/env -i "$@"
-	' in_root "$ROOT" "${#binds[@]}" "${binds[@]}" "${env[@]}" "$@"
+	' in_root "$ROOT" "$WORK/pip-cache" "${#binds[@]}" "${binds[@]}" "${env[@]}" "$@"
 }
 
 build_root() {
@@ -161,9 +166,9 @@ compare_samples() {
 	t=$(date +%s)
 	in_root /opt/mushcam/venv/bin/mushcam selftest --model /var/lib/mushcam/models/current
 	say "selftest in the arm64 root: $(($(date +%s) - t)) s"
-	in_root --bind "$model_abs" /opt/mushcam/venv/bin/mushcam classify --json --model "$model_abs" "$samples" \
+	in_root --bind "$model_abs" /opt/mushcam/venv/bin/mushcam classify --json --probs --model "$model_abs" "$samples" \
 		>"$WORK/aarch64.jsonl"
-	"$HOST_VENV/bin/mushcam" classify --json --model "$model_abs" "$samples" >"$WORK/x86_64.jsonl"
+	"$HOST_VENV/bin/mushcam" classify --json --probs --model "$model_abs" "$samples" >"$WORK/x86_64.jsonl"
 	"$HOST_VENV/bin/python" - "$WORK/x86_64.jsonl" "$WORK/aarch64.jsonl" <<'EOF'
 import json, sys
 from pathlib import Path

@@ -98,3 +98,15 @@ def test_the_makefile_runs_it_before_the_tests():
     makefile = (SCRIPT.parent.parent / "Makefile").read_text()
     assert "bash tests/system-deps.sh" in makefile
     assert "test: $(VENV)/.system-deps" in makefile
+
+
+@pytest.mark.parametrize("script", ["tests/system-deps.sh", "deploy/pi-check.sh"])
+def test_shellcheck(script):
+    import shutil
+
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck not found: apt-get install shellcheck (make test installs it)")
+    path = SCRIPT.parent.parent / script
+    check = subprocess.run([shellcheck, str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
