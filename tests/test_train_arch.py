@@ -81,6 +81,11 @@ def test_errors_on_either_side_are_left_out(tiny):
 def test_common_dirs():
     got = arch._common_dirs([Path("/a/b/c/1.jpg"), Path("/a/b/2.jpg"), Path("/x/3.jpg")])
     assert got == [Path("/a/b"), Path("/x")]
+    # Hundreds of species folders become their parent, not hundreds of mounts; never above two levels.
+    many = [Path(f"/w/s/other/taxon{i}/p.jpg") for i in range(50)] + [Path("/w/s/known/a/p.jpg")]
+    assert arch._common_dirs(many, most=4) == [Path("/w/s/known"), Path("/w/s/other")]
+    assert arch._common_dirs(many, most=1) == [Path("/w/s")]
+    assert arch._common_dirs([Path(f"/t{i}/p.jpg") for i in range(5)], most=1) == [Path(f"/t{i}") for i in range(5)]
 
 
 # --- the CLI, with a stand-in for deploy/pi-check.sh that runs this machine's classifier ---------------

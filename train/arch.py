@@ -33,14 +33,25 @@ MARGIN_STEP = 0.005  # grid of the suggested confidence margin
 MAX_MARGIN = 0.5
 
 
-def _common_dirs(paths: list[Path]) -> list[Path]:
-    """The fewest folders that hold every path (each bind-mounted once into the root)."""
-    dirs = sorted({Path(p).resolve().parent for p in paths})
-    out: list[Path] = []
-    for d in dirs:
-        if not any(d == o or o in d.parents for o in out):
-            out.append(d)
-    return out
+def _common_dirs(paths: list[Path], most: int = 16) -> list[Path]:
+    """Few folders that hold every path (each is bind-mounted into the root): the photos' own folders,
+    the deepest merged into their parents while there are more than `most`, never above two levels
+    (a photo in /work/shared/data/x/ makes at most /work/shared a mount)."""
+    def outermost(ds):
+        ds = sorted(set(ds))
+        out: list[Path] = []
+        for d in ds:
+            if not any(d == o or o in d.parents for o in out):
+                out.append(d)
+        return out
+
+    dirs = outermost(Path(p).resolve().parent for p in paths)
+    while len(dirs) > most:
+        deepest = max(len(d.parts) for d in dirs)
+        if deepest <= 3:  # ("/", "work", "shared")
+            break
+        dirs = outermost(d.parent if len(d.parts) == deepest else d for d in dirs)
+    return dirs
 
 
 def classify_in_pi_root(bundle_path: Path, paths: list[Path], threads: int | None = None,
