@@ -39,6 +39,8 @@ class Thresholds:
     # so that no CPU computes a verdict the other would not. Export writes them; 0 for older cards.
     confidence_margin: float = 0.0
     ood_margin: float = 0.0
+    # EDIBLE also needs the poisonous mass this far under poisonous_max_mass: the CPUs' mass differs too.
+    mass_margin: float = 0.0
 
     @classmethod
     def from_dict(cls, d: Any) -> "Thresholds":

@@ -7,8 +7,9 @@ unknown-species score within `ood_max_score`. POISONOUS needs a poisonous top la
 data is UNSURE: it is still a guess). Everything else, including any malformed input, is UNSURE: no path of doubt
 or error ends in EDIBLE.
 
-The thresholds' margins (`confidence_margin`, `ood_margin`) move both verdicts' bars towards UNSURE: confidence
-must reach the threshold plus the margin, the unknown-species score stay the margin below its limit. They are
+The thresholds' margins (`confidence_margin`, `ood_margin`, `mass_margin`) move the verdicts' bars towards UNSURE:
+confidence must reach the threshold plus the margin, the unknown-species score (and, for EDIBLE, the poisonous
+mass) stay the margin below its limit. They are
 the measured difference between CPUs, so a figure inside the band, which another CPU might put on the other side
 of the threshold, gives UNSURE on every CPU.
 """
@@ -90,7 +91,7 @@ def decide(
             return _unsure(ood_note, label, conf, mass, ood_score)
         if conf < thresholds.edible_min_confidence + thresholds.confidence_margin:
             return _unsure("not confident enough to call it edible", label, conf, mass, ood_score)
-        if mass > thresholds.poisonous_max_mass:
+        if mass > thresholds.poisonous_max_mass - thresholds.mass_margin:
             return _unsure("a poisonous look-alike is too likely", label, conf, mass, ood_score)
         return Decision(Verdict.EDIBLE, label, conf, mass, ood_score, "edible species, confident")
     if not ood_ok:

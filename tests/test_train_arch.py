@@ -34,8 +34,8 @@ def tiny(tiny_bundle):
 def test_identical_rows_need_no_margin(tiny):
     rows = [row("a", [0.95, 0.03, 0.02], 1.0, tiny), row("b", [0.1, 0.8, 0.1], 2.0, tiny)]
     j = arch.jitter(tiny, rows, [dict(r) for r in rows], known=2)
-    assert j["verdict_flips"] == 0 and j["suggested"] == {"confidence_margin": 0.0, "ood_margin": 0.0}
-    assert j["abs_delta_confidence"]["max"] == 0.0 and j["verdict_differences_with_suggested"] == 0
+    assert j["verdict_flips"] == 0 and j["suggested"] == {"confidence_margin": 0.0, "ood_margin": 0.0, "mass_margin": 0.0}
+    assert j["abs_delta_confidence"]["max"] == 0.0 and j["with_suggested"]["verdict_differences"] == 0
 
 
 def test_a_flip_across_the_edible_threshold_sets_the_margin(tiny):
@@ -44,14 +44,29 @@ def test_a_flip_across_the_edible_threshold_sets_the_margin(tiny):
     arm = [row("a", [0.96, 0.02, 0.02], 1.004, tiny), row("b", [0.2, 0.7, 0.1], 1.0, tiny)]
     j = arch.jitter(tiny, x86, arm, known=2)
     assert j["verdict_flips"] == 1 and j["flips"][0]["x86_64"] == "UNSURE" and j["flips"][0]["aarch64"] == "EDIBLE"
-    assert j["hard_disagreements_at_zero_margin"] == 1
+    assert j["one_sided_edible_at_zero_margin"] == 1
     assert j["suggested"]["ood_margin"] == 0.004
-    m = j["suggested"]["confidence_margin"]
-    assert 0.06 < m <= 0.08 + 1e-9  # 0.96 must fall short of 0.9 + m
-    # With the suggested margins, neither CPU says EDIBLE on photo a: they may still differ, but only as UNSURE.
-    assert arch.hard_disagreements(tiny, list(zip(x86, arm)), m, 0.004) == []
-    assert arch.hard_disagreements(tiny, list(zip(x86, arm)), m - 0.01, 0.004) == [0]
+    m, mm = j["suggested"]["confidence_margin"], j["suggested"]["mass_margin"]
+    # The cheapest fix: photo a's x86 mass is 0.12 and its aarch64 mass 0.04, under the 0.05 limit; a mass
+    # margin of 0.011 stops aarch64's EDIBLE and costs no other EDIBLE answer (there is none).
+    assert (m, mm) == (0.0, 0.011)
+    pairs = list(zip(x86, arm))
+    assert arch.hard_disagreements(tiny, pairs, m, 0.004, mm) == []
+    assert arch.hard_disagreements(tiny, pairs, m, 0.004, 0.01) == [0]
+    assert arch.hard_disagreements(tiny, pairs, 0.061, 0.004, 0.0) == []  # or a confidence margin past 0.06
+    assert j["with_suggested"]["edible_known_species"] == {"x86_64": 0, "aarch64": 0}
     assert j["near_thresholds"]["photos"] == 1 and j["near_thresholds"]["verdict_flips"] == 1
+
+
+def test_the_margins_keep_the_most_edible_answers(tiny):
+    # Photo a: mass 0.04 on x86 (EDIBLE), 0.06 on aarch64 (UNSURE). A confidence margin past 0.06 would stop
+    # x86's EDIBLE but also photo b's (confidence 0.963); a mass margin of 0.011 stops a's and keeps b's.
+    x86 = [row("a", [0.96, 0.02, 0.02], 1.0, tiny), row("b", [0.963, 0.02, 0.017], 1.0, tiny)]
+    arm = [row("a", [0.94, 0.03, 0.03], 1.0, tiny), dict(x86[1])]
+    j = arch.jitter(tiny, x86, arm, known=2)
+    assert j["one_sided_edible_at_zero_margin"] == 1
+    assert j["suggested"]["mass_margin"] == pytest.approx(0.01, abs=0.0011) and j["suggested"]["confidence_margin"] == 0.0
+    assert j["with_suggested"]["edible_known_species"] == {"x86_64": 1, "aarch64": 1}
 
 
 def test_an_ood_difference_across_the_limit_is_caught(tiny):
@@ -69,7 +84,8 @@ def test_unseen_species_are_counted_apart(tiny):
     arm = [dict(r) for r in x86]
     j = arch.jitter(tiny, x86, arm, known=1)
     assert (j["known_species"], j["unseen_species"]) == (1, 1)
-    assert j["edible_on"] == {"x86_64": 1, "aarch64": 1}
+    assert j["edible_unseen_species"] == {"x86_64": 1, "aarch64": 1}
+    assert j["edible_known_species"] == {"x86_64": 1, "aarch64": 1}
 
 
 def test_errors_on_either_side_are_left_out(tiny):
@@ -127,7 +143,7 @@ def test_evaluate_arch_aarch64_records_both_and_the_jitter(bundle_copy, data_dir
     unseen.mkdir(parents=True)
     shutil.copy(data_dir / "red_cap" / "red_cap.jpg", unseen / "x.jpg")
     r = CliRunner().invoke(app, ["evaluate", str(bundle_copy), str(data_dir), "--arch", "aarch64", "--json",
-                                 "--record", "--unseen", str(tmp_path / "unseen")])
+                                 "--record", "--unseen", str(tmp_path / "unseen"), "--rows", str(tmp_path / "rows.json")])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["x86_64"]["n"] == out["aarch64"]["n"] == 3
@@ -141,11 +157,14 @@ def test_evaluate_arch_aarch64_records_both_and_the_jitter(bundle_copy, data_dir
     assert {"test", "test_aarch64", "arch_jitter"} <= set(card["metrics"])
     assert card["metrics"]["arch_jitter"]["suggested"] == j["suggested"]
     load_bundle(bundle_copy)  # still a valid bundle
+    saved = json.loads((tmp_path / "rows.json").read_text())
+    assert saved["known"] == 3 and len(saved["x86_64"]) == len(saved["aarch64"]) == 4
 
 
 @pytest.mark.parametrize("args,message", [
     (["--arch", "arm"], "x86_64, aarch64"),
     (["--unseen", "."], "--arch aarch64"),
+    (["--rows", "r.json"], "--arch aarch64"),
 ])
 def test_evaluate_arch_options_are_checked(tiny_bundle, data_dir, args, message):
     r = CliRunner().invoke(app, ["evaluate", str(tiny_bundle), str(data_dir), *args])

@@ -138,7 +138,7 @@ TM = replace(T, confidence_margin=0.05, ood_margin=0.5)
 
 
 def test_margins_default_to_zero():
-    assert (Thresholds().confidence_margin, Thresholds().ood_margin) == (0.0, 0.0)
+    assert (Thresholds().confidence_margin, Thresholds().ood_margin, Thresholds().mass_margin) == (0.0, 0.0, 0.0)
     assert Thresholds.from_dict({"edible_min_confidence": 0.9}).confidence_margin == 0.0
 
 
@@ -156,6 +156,16 @@ def test_ood_needs_margin_below_its_limit():
     # The same band for a poisonous answer: inside it, the picture may be unfamiliar on another CPU.
     assert verdict([0.0, 0.9, 0.0, 0.1], TM, ood=2.9) is Verdict.UNSURE
     assert verdict([0.0, 0.9, 0.0, 0.1], TM, ood=2.5) is Verdict.POISONOUS
+
+
+def test_edible_needs_the_mass_margin_below_its_limit():
+    tm = replace(T, mass_margin=0.02)  # T allows 0.05 poisonous mass
+    assert verdict([0.95, 0.02, 0.02, 0.01], tm) is Verdict.EDIBLE  # 0.03 = 0.05 - 0.02
+    d = decide([0.95, 0.02, 0.01, 0.02], LABELS, CLASSES, tm, 1.0)  # 0.04
+    assert d.verdict is Verdict.UNSURE and "look-alike" in d.reason
+    assert verdict([0.95, 0.02, 0.01, 0.02], T) is Verdict.EDIBLE
+    # It has no say on a poisonous answer (a large poisonous mass is what POISONOUS means).
+    assert verdict([0.0, 0.9, 0.0, 0.1], replace(T, mass_margin=0.05)) is Verdict.POISONOUS
 
 
 def test_poisonous_needs_threshold_plus_margin():
@@ -186,6 +196,8 @@ def test_a_verdict_inside_the_margins_holds_on_the_other_cpu(dconf, dood):
     ("ood_margin", -0.1, ">= 0"),
     ("ood_margin", float("inf"), "must be a number"),
     ("ood_margin", "0.1", "must be a number"),
+    ("mass_margin", -0.01, "outside 0..1"),
+    ("mass_margin", 2, "outside 0..1"),
 ])
 def test_bad_margins_are_refused(key, value, message):
     from device.errors import BundleError
@@ -218,7 +230,8 @@ def _random_case(rng):
     ood_thr = None if rng.random() < 0.3 else float(rng.uniform(0.5, 5))
     t = Thresholds(float(rng.uniform(0.5, 1.0)), float(rng.uniform(0, 0.2)), float(rng.uniform(0.3, 0.9)), ood_thr)
     if rng.random() < 0.4:  # the cross-architecture margins, sometimes large
-        t = replace(t, confidence_margin=float(rng.uniform(0, 0.3)), ood_margin=float(rng.uniform(0, 1.0)))
+        t = replace(t, confidence_margin=float(rng.uniform(0, 0.3)), ood_margin=float(rng.uniform(0, 1.0)),
+                    mass_margin=float(rng.uniform(0, 0.1)))
     r = rng.random()
     ood = None if r < 0.1 else float("nan") if r < 0.15 else float(rng.uniform(0, 6))
     # Sometimes put a threshold exactly on the case's own figure, to test the boundaries at random too.
@@ -259,7 +272,8 @@ def _expected(p, labels, classes, t, ood, valid, edible) -> Verdict:
     mass = sum(p[i] for i in range(len(labels)) if not edible[i])
     ood_ok = t.ood_max_score is None or (
         ood is not None and math.isfinite(ood) and ood <= t.ood_max_score - t.ood_margin)
-    if edible[top] and ood_ok and conf >= t.edible_min_confidence + t.confidence_margin and mass <= t.poisonous_max_mass:
+    if edible[top] and ood_ok and conf >= t.edible_min_confidence + t.confidence_margin and \
+            mass <= t.poisonous_max_mass - t.mass_margin:
         return Verdict.EDIBLE
     if not edible[top] and ood_ok and conf >= t.poisonous_min_confidence + t.confidence_margin:
         return Verdict.POISONOUS
@@ -281,12 +295,13 @@ def test_policy_on_thousands_of_random_cases():
             top = int(np.argmax(q))
             assert classes[labels[top]].edibility == "edible"
             assert q[top] >= t.edible_min_confidence + t.confidence_margin
-            assert sum(q[i] for i, lab in enumerate(labels) if classes[lab].edibility != "edible") <= t.poisonous_max_mass
+            assert sum(q[i] for i, lab in enumerate(labels) if classes[lab].edibility != "edible") <= \
+                t.poisonous_max_mass - t.mass_margin
             if t.ood_max_score is not None:
                 assert ood is not None and math.isfinite(ood) and ood <= t.ood_max_score - t.ood_margin
         # Margins only ever move a verdict to UNSURE: the same case without them gives this verdict or
         # a bolder one, never the reverse (in particular no margin turns anything into EDIBLE).
-        bare = decide(p, labels, classes, replace(t, confidence_margin=0.0, ood_margin=0.0), ood).verdict
+        bare = decide(p, labels, classes, replace(t, confidence_margin=0.0, ood_margin=0.0, mass_margin=0.0), ood).verdict
         assert d.verdict in (bare, Verdict.UNSURE), (p, labels, t, ood, d, bare)
         assert d.verdict is _expected(p, labels, classes, t, ood, valid, edible), (p, labels, t, ood, d)
     # The loop reached every outcome often enough to mean something.

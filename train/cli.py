@@ -157,6 +157,9 @@ def evaluate(
         help="With --arch aarch64: a folder of species the model does not know (searched recursively), "
              "compared too.", exists=True, file_okay=False)] = None,
     unseen_limit: Annotated[int, typer.Option(min=1, help="At most this many --unseen photos (evenly spaced).")] = 300,
+    rows: Annotated[Optional[Path], typer.Option(
+        help="With --arch aarch64: also write every photo's result on both architectures here (JSON).",
+        dir_okay=False)] = None,
 ) -> None:
     """Run BUNDLE through the device's classifier on photos: top-1, per class, and the safety table."""
     import json
@@ -168,10 +171,11 @@ def evaluate(
             raise typer.BadParameter(f"{split!r} is not one of train, val, test", param_hint="--split")
         if arch not in ("x86_64", "aarch64"):
             raise typer.BadParameter(f"{arch!r} is not one of x86_64, aarch64", param_hint="--arch")
-        if unseen is not None and arch != "aarch64":
-            raise typer.BadParameter("--unseen is for comparing architectures: add --arch aarch64", param_hint="--unseen")
+        if (unseen is not None or rows is not None) and arch != "aarch64":
+            raise typer.BadParameter("--unseen and --rows are for comparing architectures: add --arch aarch64",
+                                     param_hint="--unseen/--rows")
         if arch == "aarch64":
-            _evaluate_aarch64(bundle, source, split, as_json, record, unseen, unseen_limit)
+            _evaluate_aarch64(bundle, source, split, as_json, record, unseen, unseen_limit, rows)
             return
         result = ev.evaluate(bundle, source, split, threads=os.cpu_count())
         if report is not None:
@@ -188,7 +192,7 @@ def evaluate(
 
 
 def _evaluate_aarch64(bundle: Path, source: Path, split: str, as_json: bool, record: bool, unseen: Path | None,
-                      unseen_limit: int) -> None:
+                      unseen_limit: int, rows_out: Path | None = None) -> None:
     """evaluate --arch aarch64: the same photos on both architectures, their figures and differences."""
     import json
     import time
@@ -215,6 +219,10 @@ def _evaluate_aarch64(bundle: Path, source: Path, split: str, as_json: bool, rec
     t2 = time.perf_counter()
     results = {"x86_64": ev.summarize(b, items, x86[:len(items)], where, t1 - t0),
                "aarch64": ev.summarize(b, items, arm[:len(items)], where + ", aarch64 (emulated)", t2 - t1)}
+    if rows_out is not None:
+        from device.bundle import write_json_atomic
+
+        write_json_atomic(rows_out, {"known": len(items), "x86_64": x86, "aarch64": arm})
     jit = ar.jitter(b, x86, arm, len(items))
     jit["split"] = split
     if record:
