@@ -11,21 +11,23 @@ Usage: flash.sh [OPTIONS] BUNDLE HOST...
        flash.sh [OPTIONS] BUNDLE --inventory FILE
        flash.sh [OPTIONS] --rollback HOST [--rollback HOST]...
 
-Push a model bundle (a directory with model.json + model.tflite) to mushcam devices. For each host,
-up to --parallel at a time:
-  1. copy the bundle into MODEL_ROOT/releases/<version>-<sha12>.partial/, then rename it
+Push a model bundle (a directory with model.json + model.tflite, regular files only) to mushcam
+devices. For each host, up to --parallel at a time, `MUSHCAM release receive` on the device takes the
+lock on MODEL_ROOT for the whole flash (a second flash to the same device fails at once), then:
+  1. this script copies the bundle into MODEL_ROOT/releases/<version>-<sha12>.partial/
      (<version> from the card, <sha12> = first 12 hex of model.tflite's sha256 in the card);
-  2. check every sha256 on the device against the card (and the card against the local one);
-  3. run `MUSHCAM selftest --model RELEASE` on the device;
-  4. switch MODEL_ROOT/current to the release atomically (new symlink + mv -T);
-  5. `SYSTEMCTL reload SERVICE` (or start, if it is not running) and wait until the service is active
-     and its status file reports the new model's version and sha256.
+  2. the device copies that into the store and verifies the copy: every sha256 in the card, the card
+     (and signature) against the local ones, the signature policy, and the selftest on its samples;
+  3. it switches MODEL_ROOT/current to the release atomically (a new symlink renamed over the old);
+  4. `SYSTEMCTL reload SERVICE` (or start, if it is not running) and waits until the service is active
+     and its status file, written after the reload by systemd's MainPID, reports this release.
 If any step fails, `current` goes back to the previous release (reloaded), the new release is renamed
 <name>.failed, and the device keeps serving what it served before. A copy cut off midway leaves only
 <name>.partial (resumed by the next run). After a success the last --keep releases are kept
 (never current's target). Re-running with the release already current just checks it.
 
-HOST is user@host[:port], host, or an ssh_config alias. SSH uses keys only (BatchMode=yes).
+HOST is user@host[:port], host, or an ssh_config alias. SSH uses keys only (BatchMode=yes). Two
+hosts that `ssh -G` resolves to the same host name and port with the same model root are refused.
 
 Options:
   --inventory FILE      hosts, one per line: HOST [key=value ...]; '#' starts a comment. Keys override
@@ -57,7 +59,7 @@ Options:
   -h, --help            this help
 
 Exit status: 0 every host ok, 1 any host failed, 2 usage error or bad bundle.
-Needs bash >= 4.3, ssh, python3 and rsync or scp here; bash, python3, coreutils (sha256sum) on the device.
+Needs bash >= 4.3, ssh, python3 and rsync or scp here; mushcam (deploy/install.sh) on the device.
 EOF
 }
 
@@ -169,10 +171,40 @@ parse_args() {
 	for i in "${!HOST_LINES[@]}"; do
 		check_host_line "${HOST_LINES[$i]}"
 		mapfile -t words < <(split_words "${HOST_LINES[$i]}")
-		# Two jobs on one device would race on its `current` link.
+		# Two jobs on one device would race for its lock (see check_duplicates for aliases).
 		[[ $seen != *" ${words[0]} "* ]] || die "host ${words[0]} is listed twice"
 		seen+="${words[0]} "
 	done
+}
+
+# The same device under two names (an alias, user@ip:port, ip:port) is refused too: what ssh would
+# connect to (`ssh -G` resolves the config without connecting) plus the model root names a device.
+check_duplicates() {
+	local i words=() ssh_host port root resolved key
+	local -A owner=()
+	for i in "${!HOST_LINES[@]}"; do
+		mapfile -t words < <(split_words "${HOST_LINES[$i]}")
+		IFS=$'\t' read -r ssh_host _ port <<<"$(parse_target "${words[0]}")"
+		root=$(host_setting model_root "$MODEL_ROOT" "${words[@]:1}")
+		local args=("${SSH_OPTS[@]}")
+		[[ -n $port ]] && args+=(-p "$port")
+		resolved=$(ssh -G "${args[@]}" -- "$ssh_host" 2>/dev/null |
+			awk '$1 == "hostname" { h = $2 } $1 == "port" { p = $2 } END { if (h != "") print h ":" p }') ||
+			true
+		[[ -n $resolved ]] || die "cannot resolve host ${words[0]} with ssh -G (check -F / ssh_config)"
+		key="$resolved $root"
+		[[ -z ${owner[$key]:-} ]] ||
+			die "hosts ${owner[$key]} and ${words[0]} are the same device ($resolved, model root $root): listed twice"
+		owner[$key]=${words[0]}
+	done
+}
+
+# host_setting KEY DEFAULT WORD...: KEY=value from an inventory line's settings, else DEFAULT.
+host_setting() {
+	local key=$1 value=$2 w
+	shift 2
+	for w in "$@"; do [[ $w == "$key="* ]] && value=${w#*=}; done
+	printf '%s' "$value"
 }
 
 # Split an inventory line into words, honouring quotes (xargs does the quote parsing, no eval).
@@ -184,7 +216,8 @@ check_host_line() {
 	local words=() w key
 	mapfile -t words < <(split_words "$1") || die "cannot parse host line: $1"
 	[[ ${#words[@]} -ge 1 ]] || die "empty host in: $1"
-	parse_target "${words[0]}" >/dev/null || die "bad host '${words[0]}': want user@host[:port]"
+	parse_target "${words[0]}" >/dev/null ||
+		die "bad host '$(clean "${words[0]}")': want user@host[:port] (letters, digits, . _ -; no leading -)"
 	for w in "${words[@]:1}"; do
 		key=${w%%=*}
 		[[ $w == *=* && " $INVENTORY_KEYS " == *" $key "* ]] ||
@@ -193,17 +226,20 @@ check_host_line() {
 }
 
 # user@host[:port] -> "SSH_HOST<TAB>COPY_HOST<TAB>PORT" (COPY_HOST keeps [] around IPv6 for scp/rsync).
+# Neither part may start with '-' (ssh would read it as an option) or hold anything but a name.
 parse_target() {
 	local spec=$1 user="" host port=""
 	if [[ $spec == *@* ]]; then
-		user=${spec%@*}@
+		user=${spec%@*}
 		spec=${spec##*@}
+		[[ $user =~ ^[A-Za-z0-9_][A-Za-z0-9._-]{0,31}$ ]] || return 1
+		user+=@
 	fi
 	if [[ $spec =~ ^\[([0-9A-Fa-f:.]+)\](:([0-9]+))?$ ]]; then
 		host=${BASH_REMATCH[1]}
 		port=${BASH_REMATCH[3]}
 		printf '%s\t%s\t%s\n' "$user$host" "${user}[$host]" "$port"
-	elif [[ $spec =~ ^([A-Za-z0-9._-]+)(:([0-9]+))?$ ]]; then
+	elif [[ $spec =~ ^([A-Za-z0-9_][A-Za-z0-9._-]*)(:([0-9]+))?$ ]]; then
 		host=${BASH_REMATCH[1]}
 		port=${BASH_REMATCH[3]}
 		printf '%s\t%s\t%s\n' "$user$host" "$user$host" "$port"
@@ -216,327 +252,85 @@ parse_target() {
 # The local bundle: read the card once, refuse early what no device should receive.
 CARD_VERSION=
 CARD_SHA=
+CARD_FILE_SHA=
+SIG_FILE_SHA=
+FILE_COUNT=0
 RELEASE=
-VERIFY_ARGS=()
 
 load_bundle() {
 	[[ -d $BUNDLE ]] || die "bundle $BUNDLE is not a directory"
 	[[ -f $BUNDLE/model.json ]] || die "$BUNDLE/model.json not found: is $BUNDLE a model bundle?"
 	command -v python3 >/dev/null || die "python3 not found (needed to read the model card)"
 	local out line
-	# The device checks the hashes; here we only check the card's shape and that the files exist.
+	# The device verifies the copy it serves; here: the card's shape (read once: its hash is of the
+	# bytes parsed), that the files exist, and nothing but regular files and folders, before any copy
+	# (scp follows a symlink: a bundle's link to ~/.ssh/id_ed25519 would publish the key).
 	out=$(python3 -c '
-import json, re, sys
+import hashlib, json, os, re, stat, sys
 bundle = sys.argv[1]
 def fail(msg):
-    print(f"{bundle}/model.json: {msg}", file=sys.stderr)
+    print(f"{bundle}/{msg}", file=sys.stderr)
     sys.exit(2)
+for top, dirs, files in os.walk(bundle):
+    for name in sorted(dirs + files):
+        path = os.path.join(top, name)
+        mode = os.lstat(path).st_mode
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            kind = "a symlink" if stat.S_ISLNK(mode) else "a special file"
+            fail(f"{os.path.relpath(path, bundle)} is {kind}: a bundle holds only regular files and folders; refused before any copy")
+def digest(name):
+    with open(f"{bundle}/{name}", "rb") as f:
+        data = f.read((1 << 20) + 1)
+    if len(data) > 1 << 20:
+        fail(f"{name}: larger than 1 MB; not a model card")
+    return data, hashlib.sha256(data).hexdigest()
 try:
-    with open(f"{bundle}/model.json", encoding="utf-8") as f:
-        card = json.load(f)
-except (OSError, ValueError) as err:
-    fail(f"unreadable ({err}); re-export the bundle")
+    data, card_sha = digest("model.json")
+    card = json.loads(data)
+except (OSError, ValueError, RecursionError) as err:
+    fail(f"model.json: unreadable ({str(err)[:200]}); re-export the bundle")
 if not isinstance(card, dict) or card.get("format") != "mushcam-bundle/1":
-    fail("format is not mushcam-bundle/1; re-export the bundle")
+    fail("model.json: format is not mushcam-bundle/1; re-export the bundle")
 version = card.get("version")
 if not isinstance(version, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", version):
-    fail(f"version {version!r} is not a plain name (letters, digits, . _ + -)")
+    fail(f"model.json: version {version!r:.120} is not a plain name (letters, digits, . _ + -)")
 files = card.get("files")
 if not isinstance(files, dict) or not isinstance(files.get("model.tflite"), str):
-    fail("files has no model.tflite sha256")
+    fail("model.json: files has no model.tflite sha256")
 print(f"version\t{version}")
+print(f"card\t{card_sha}")
+if os.path.isfile(f"{bundle}/model.json.sig"):
+    print("sig\t" + digest("model.json.sig")[1])
 for name, sha in files.items():
     parts = name.split("/")
     if (not re.fullmatch(r"[A-Za-z0-9._/-]+", name) or name.startswith("/")
             or ".." in parts or "" in parts or "." in parts):
-        fail(f"files entry {name!r} is not a plain relative path")
+        fail(f"model.json: files entry {name!r:.120} is not a plain relative path")
     if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
-        fail(f"files[{name!r}] is not a sha256 hex digest")
+        fail(f"model.json: files[{name!r}] is not a sha256 hex digest")
     print(f"file\t{name}\t{sha}")
 ' "$BUNDLE")
 	while IFS=$'\t' read -r -a line; do
 		case ${line[0]} in
 		version) CARD_VERSION=${line[1]} ;;
+		card) CARD_FILE_SHA=${line[1]} ;;
+		sig) SIG_FILE_SHA=${line[1]} ;;
 		file)
 			[[ -f $BUNDLE/${line[1]} ]] || die "$BUNDLE/${line[1]}: listed in the card but missing"
 			[[ ${line[1]} == model.tflite ]] && CARD_SHA=${line[2]}
-			VERIFY_ARGS+=("${line[1]}" "${line[2]}")
+			FILE_COUNT=$((FILE_COUNT + 1))
 			;;
 		esac
 	done <<<"$out"
 	RELEASE=$CARD_VERSION-${CARD_SHA:0:12}
-	# The card and its signature are not in `files`; check their copies against the local ones.
-	VERIFY_ARGS+=(model.json "$(local_sha256 "$BUNDLE/model.json")")
-	if [[ -f $BUNDLE/model.json.sig ]]; then
-		VERIFY_ARGS+=(model.json.sig "$(local_sha256 "$BUNDLE/model.json.sig")")
-	elif [[ $REQUIRE_SIGNATURE == 1 ]]; then
+	if [[ -z $SIG_FILE_SHA && $REQUIRE_SIGNATURE == 1 ]]; then
 		die "$BUNDLE is unsigned (no model.json.sig) and --require-signature is set; sign it with: mushcam-train sign $BUNDLE --key KEY"
 	fi
 }
 
-local_sha256() {
-	if command -v sha256sum >/dev/null; then
-		sha256sum -- "$1" | cut -d' ' -f1
-	else
-		shasum -a 256 -- "$1" | cut -d' ' -f1 # macOS
-	fi
-}
-
 # ---------------------------------------------------------------------------------------------------
-# Remote agent. These r_* functions run ON THE DEVICE: each remote step sends their source (declare -f)
-# to `bash -s` and calls one of them. Keeping them here lets shellcheck check them like the rest.
-
-# shellcheck disable=SC2317  # this group only defines the agent; it runs on the device, never here.
-{
-r_main() {
-	set -euo pipefail
-	local op=$1
-	shift
-	case $op in
-	prepare) r_prepare "$@" ;;
-	clear_partial) r_clear_partial "$@" ;;
-	finalize) r_finalize "$@" ;;
-	verify) r_verify "$@" ;;
-	selftest) r_selftest "$@" ;;
-	point) r_point "$@" ;;
-	health) r_health "$@" ;;
-	mark_failed) r_mark_failed "$@" ;;
-	prune) r_prune "$@" ;;
-	rollback_target) r_rollback_target "$@" ;;
-	*)
-		echo "flash agent: unknown step $op" >&2
-		return 2
-		;;
-	esac
-}
-
-# Name of the release `current` points at, or nothing.
-r_current() {
-	local target
-	target=$(readlink -- "$1/current" 2>/dev/null) || return 0
-	echo "${target##*/}"
-}
-
-r_prepare() {
-	local root=$1 name=$2
-	command -v sha256sum >/dev/null || {
-		echo "sha256sum not found on the device (install coreutils)" >&2
-		return 1
-	}
-	command -v python3 >/dev/null || {
-		echo "python3 not found on the device (the mushcam daemon needs it too)" >&2
-		return 1
-	}
-	if [[ ! -d $root ]]; then
-		echo "model root $root does not exist on the device: run deploy/install.sh there, or check --model-root" >&2
-		return 1
-	fi
-	if [[ -e $root/current && ! -L $root/current ]]; then
-		echo "$root/current is not a symlink; move it into $root/releases/ and link it" >&2
-		return 1
-	fi
-	mkdir -p -- "$root/releases"
-	[[ -w $root/releases ]] || {
-		echo "$root/releases is not writable by $(id -un)" >&2
-		return 1
-	}
-	echo "current=$(r_current "$root")"
-	if [[ -d $root/releases/$name ]]; then echo "exists=1"; else echo "exists=0"; fi
-	if command -v rsync >/dev/null; then echo "rsync=1"; else echo "rsync=0"; fi
-}
-
-r_clear_partial() {
-	rm -rf -- "$1/releases/$2.partial"
-}
-
-r_finalize() {
-	local rel=$1/releases/$2
-	# Readable by the daemon's user, writable only by the deploying one, whatever the workstation's modes.
-	chmod -R u=rwX,go=rX -- "$rel.partial"
-	mv -T -- "$rel.partial" "$rel"
-	# mtime = when the release arrived (rsync copied the bundle's own mtime); pruning and
-	# rollback order releases by it.
-	touch -- "$rel"
-}
-
-# DIR then pairs FILE SHA256: print every mismatch, fail if any.
-r_verify() {
-	local dir=$1 bad=0 file want got
-	shift
-	while [[ $# -ge 2 ]]; do
-		file=$1 want=$2
-		shift 2
-		if [[ ! -f $dir/$file ]]; then
-			echo "$file: missing on the device"
-			bad=1
-			continue
-		fi
-		got=$(sha256sum -- "$dir/$file")
-		got=${got%% *}
-		if [[ $got != "$want" ]]; then
-			echo "$file: sha256 mismatch (device ${got:0:12}, expected ${want:0:12})"
-			bad=1
-		fi
-	done
-	return "$bad"
-}
-
-# DIR MUSHCAM CONFIG [ARGS...]: the device's own selftest of the release. With the daemon's config
-# (if present) the selftest enforces the same signature policy the daemon will at reload.
-r_selftest() {
-	local dir=$1 config=$3 cmd=()
-	read -r -a cmd <<<"$2"
-	shift 3
-	if [[ -n $config && -f $config ]]; then
-		set -- --config "$config" "$@"
-	fi
-	"${cmd[@]}" selftest --model "$dir" "$@" 2>&1
-}
-
-# Point `current` at releases/NAME (atomically: a new link renamed over the old), or remove it if
-# NAME is empty (restoring a device that had no release before).
-r_point() {
-	local root=$1 name=$2 tmp
-	if [[ -z $name ]]; then
-		rm -f -- "$root/current"
-		return 0
-	fi
-	[[ -d $root/releases/$name ]] || {
-		echo "$root/releases/$name does not exist" >&2
-		return 1
-	}
-	tmp=$root/.current.$$
-	ln -sfn -- "releases/$name" "$tmp"
-	mv -T -- "$tmp" "$root/current"
-	touch -- "$root/releases/$name"
-}
-
-# STATUS CARD SINCE: exit 0 if the status file reports the card's model from a running daemon, 2 (and
-# say why) if the daemon wrote after SINCE (epoch s; 0 = never) that it refused to reload, 1 otherwise.
-r_status_matches() {
-	python3 -c '
-import json, sys
-from datetime import datetime
-try:
-    with open(sys.argv[2], encoding="utf-8") as f:
-        card = json.load(f)
-    with open(sys.argv[1], encoding="utf-8") as f:
-        status = json.load(f)
-    if (status.get("state") == "running"
-            and status.get("model_sha256") == card["files"]["model.tflite"]
-            and status.get("model_version") == card["version"]
-            and isinstance(status.get("pid"), int) and status["pid"] > 0):
-        sys.exit(0)
-    since = int(sys.argv[3])
-    error = status.get("last_reload_error")
-    if since and error and datetime.fromisoformat(status["updated"]).timestamp() >= since:
-        print(f"the daemon refused the reload: {error}")
-        sys.exit(2)
-except (OSError, ValueError, KeyError, TypeError, AttributeError):
-    pass
-sys.exit(1)
-' "$1" "$2" "$3"
-}
-
-# STATUS SYSTEMCTL SERVICE ROOT TIMEOUT RELOAD: optionally reload, then wait until the service is
-# active and reports current's model; print the status file on one line after "STATUS ".
-r_health() {
-	local status=$1 service=$3 root=$4 timeout=$5 reload=$6 sc=() deadline state since=0 rc
-	read -r -a sc <<<"$2"
-	if [[ $reload == 1 ]]; then
-		since=$(date +%s)
-		# A stopped service (a fresh install, a crash) is started on the new model rather than
-		# reloaded: the device should end up serving either way.
-		local action=reload
-		"${sc[@]}" is-active --quiet "$service" || action=start
-		if ! "${sc[@]}" "$action" "$service" 2>&1; then
-			echo "'$2 $action $service' failed"
-			return 1
-		fi
-	fi
-	deadline=$((SECONDS + timeout))
-	while true; do
-		# `reload` only sends SIGHUP (Type=notify, ExecReload=kill -HUP): the daemon reloads after the
-		# command returns, so wait for its status file rather than trusting the exit code.
-		if "${sc[@]}" is-active --quiet "$service"; then
-			rc=0
-			r_status_matches "$status" "$root/current/model.json" "$since" || rc=$?
-			if [[ $rc == 0 ]]; then
-				printf 'STATUS %s\n' "$(tr -d '\n' <"$status")"
-				return 0
-			fi
-			[[ $rc == 2 ]] && return 1
-		fi
-		if [[ $SECONDS -ge $deadline ]]; then
-			state=$("${sc[@]}" is-active "$service" 2>&1) || true
-			echo "after ${timeout}s $service is '${state:-unknown}' and $status does not report $(r_current "$root"): $(tr -d '\n' <"$status" 2>/dev/null || echo 'no status file')"
-			return 1
-		fi
-		sleep 0.25
-	done
-}
-
-r_mark_failed() {
-	local root=$1 name=$2 rel
-	rel=$root/releases/$name
-	if [[ $(r_current "$root") == "$name" ]]; then
-		echo "not marking $name failed: it is current" >&2
-		return 1
-	fi
-	if [[ -d $rel || -d $rel.partial ]]; then
-		rm -rf -- "$rel.failed"
-		if [[ -d $rel ]]; then mv -T -- "$rel" "$rel.failed"; else mv -T -- "$rel.partial" "$rel.failed"; fi
-		touch -- "$rel.failed"
-	fi
-}
-
-# Keep the newest KEEP good releases (current counts and is never removed), the newest KEEP failed
-# ones (for a post-mortem), and no stale .partial copies.
-r_prune() {
-	local root=$1 keep=$2 current dir name good=0 failed=0
-	current=$(r_current "$root")
-	[[ -n $current ]] && good=1
-	while IFS= read -r name; do
-		name=${name%/}
-		dir=$root/releases/$name
-		[[ $name == "$current" ]] && continue
-		case $name in
-		*.partial) rm -rf -- "$dir" && echo "removed stale $name" ;;
-		*.failed)
-			failed=$((failed + 1))
-			if [[ $failed -gt $keep ]]; then rm -rf -- "$dir" && echo "removed $name"; fi
-			;;
-		*)
-			good=$((good + 1))
-			if [[ $good -gt $keep ]]; then rm -rf -- "$dir" && echo "removed $name"; fi
-			;;
-		esac
-	done < <(cd -- "$root/releases" && ls -1dt -- */ 2>/dev/null)
-}
-
-# Print current's name and the newest good release that is not current (the rollback target).
-r_rollback_target() {
-	local root=$1 current name
-	current=$(r_current "$root")
-	[[ -n $current ]] || {
-		echo "$root/current does not exist: nothing to roll back" >&2
-		return 1
-	}
-	echo "current=$current"
-	while IFS= read -r name; do
-		name=${name%/}
-		case $name in *.partial | *.failed | "$current") continue ;; esac
-		[[ -f $root/releases/$name/model.json ]] || continue
-		echo "target=$name"
-		return 0
-	done < <(cd -- "$root/releases" && ls -1dt -- */ 2>/dev/null)
-	echo "no earlier good release in $root/releases to roll back to" >&2
-	return 1
-}
-}
-
-# ---------------------------------------------------------------------------------------------------
-# Local side of one host. Runs in a background subshell: globals set here stay in it.
+# One host. Runs in a background subshell: globals set here stay in it. Everything that changes the
+# device is done there by `mushcam release` (device/release.py); this side copies and reports.
 
 WORK=
 IDX=0
@@ -545,10 +339,14 @@ SSH_HOST=
 COPY_HOST=
 PORT=
 HOST_SSH=()
-SELFTEST_ARGS=()
+
+# A device's output may carry terminal escape sequences: print control characters as '?'.
+clean() {
+	printf '%s' "$1" | LC_ALL=C tr '\000-\010\013-\037\177' '?'
+}
 
 say() {
-	printf '[%s] %s\n' "$LABEL" "$*" >&2
+	printf '[%s] %s\n' "$LABEL" "$(clean "$*")" >&2
 }
 
 # Single-quote for the remote shell (ssh passes one command string).
@@ -556,29 +354,27 @@ shq() {
 	printf "'%s'" "${1//\'/\'\\\'\'}"
 }
 
-agent_source() {
-	declare -f r_main r_current r_prepare r_clear_partial r_finalize r_verify r_selftest r_point \
-		r_status_matches r_health r_mark_failed r_prune r_rollback_target
-	# </dev/null: nothing the agent runs may eat the rest of the script from bash's stdin.
-	echo 'r_main "$@" </dev/null'
+# The command line for `MUSHCAM ARGS...` on the device, every word quoted.
+device_command() {
+	local words=() out="" arg
+	read -r -a words <<<"$MUSHCAM"
+	for arg in "${words[@]}" "$@"; do out+="$(shq "$arg") "; done
+	printf '%s' "${out% }"
 }
+
+# Options every `mushcam release` command on the device takes.
+service_args() {
+	SERVICE_ARGS=(--root "$MODEL_ROOT" --config "$DEVICE_CONFIG" --systemctl "$SYSTEMCTL" --service "$SERVICE"
+		--status-file "$STATUS_FILE" --timeout "$TIMEOUT")
+	if [[ $REQUIRE_SIGNATURE == 1 ]]; then
+		SERVICE_ARGS+=(--require-signature --allowed-signers "$ALLOWED_SIGNERS")
+	fi
+}
+SERVICE_ARGS=()
 
 remote() {
-	local command_line="bash -s --" arg
-	for arg in "$@"; do command_line+=" $(shq "$arg")"; done
-	# shellcheck disable=SC2029  # expanding here is the point: every argument is already quoted by shq.
-	agent_source | ssh "${HOST_SSH[@]}" "$SSH_HOST" "$command_line"
-}
-
-# Run a remote step, capturing its output in REPLY_OUT; log it when it fails.
-REPLY_OUT=
-step() {
-	local rc=0 line
-	REPLY_OUT=$(remote "$@" 2>&1) || rc=$?
-	if [[ $rc -ne 0 && -n $REPLY_OUT ]]; then
-		while IFS= read -r line; do say "  $line"; done <<<"$REPLY_OUT"
-	fi
-	return "$rc"
+	# shellcheck disable=SC2029  # expanding here is the point: device_command quoted every word.
+	ssh "${HOST_SSH[@]}" -- "$SSH_HOST" "$(device_command "$@")" </dev/null
 }
 
 last_line() {
@@ -588,14 +384,15 @@ last_line() {
 }
 
 record() { # STATUS RELEASE DETAIL
-	printf '%s\t%s\t%s\n' "$1" "$2" "$3" >"$WORK/result.$IDX"
+	printf '%s\t%s\t%s\n' "$(clean "$1")" "$(clean "$2")" "$(clean "$3")" >"$WORK/result.$IDX"
 }
 
-kv() { # KEY TEXT: value of KEY=... in TEXT
-	local line
-	while IFS= read -r line; do
-		[[ $line == "$1="* ]] && printf '%s' "${line#*=}" && return 0
-	done <<<"$2"
+kv() { # KEY TEXT: value of KEY=... among TEXT's tab-separated fields
+	local field fields=()
+	IFS=$'\t' read -r -a fields <<<"$2"
+	for field in "${fields[@]}"; do
+		[[ $field == "$1="* ]] && printf '%s' "${field#*=}" && return 0
+	done
 	return 0
 }
 
@@ -619,10 +416,11 @@ setup_host() {
 	# One SSH connection per device, reused by every step (a Wi-Fi handshake costs ~1 s each).
 	HOST_SSH=("${SSH_OPTS[@]}" -o ControlMaster=auto -o "ControlPath=$WORK/cm.$IDX" -o ControlPersist=60)
 	if [[ -n $PORT ]]; then HOST_SSH+=(-p "$PORT"); fi
+	service_args
 }
 
 close_connection() {
-	ssh "${HOST_SSH[@]}" -O exit "$SSH_HOST" >/dev/null 2>&1 || true
+	ssh "${HOST_SSH[@]}" -O exit -- "$SSH_HOST" >/dev/null 2>&1 || true
 }
 
 # rsync -e takes one string; it honours single quotes (not backslashes), so quote each word.
@@ -638,205 +436,153 @@ rsync_rsh() {
 transfer() { # METHOD
 	local dest=$MODEL_ROOT/releases/$RELEASE.partial
 	if [[ $1 == rsync ]]; then
-		# -rt, not -a: the device's files belong to the deploying user, not to a workstation uid,
-		# and a symlink in a bundle is skipped rather than recreated on the device.
+		# -rt, not -a: the device's files belong to the deploying user, not to a workstation uid.
 		local args=(-rt --partial --delete --timeout=60 -e "$(rsync_rsh)")
 		[[ -n $RSYNC_PATH ]] && args+=(--rsync-path="$RSYNC_PATH")
 		rsync "${args[@]}" -- "$BUNDLE/" "$COPY_HOST:$dest/" 2>&1
 	else
-		local args=(-q -r -p) opts=("${HOST_SSH[@]}")
+		local args=(-q -r -p) opts=("${HOST_SSH[@]}") i
 		# scp spells the port -P; the rest of the ssh options are shared.
-		local i
 		for i in "${!opts[@]}"; do [[ ${opts[$i]} == -p ]] && opts[i]=-P; done
-		step clear_partial "$MODEL_ROOT" "$RELEASE" || return 1
 		scp "${args[@]}" "${opts[@]}" -- "$BUNDLE" "$COPY_HOST:$dest" 2>&1
 	fi
 }
 
-selftest_args() {
-	SELFTEST_ARGS=("$MODEL_ROOT/releases/$RELEASE" "$MUSHCAM" "$DEVICE_CONFIG")
-	if [[ $REQUIRE_SIGNATURE == 1 ]]; then
-		SELFTEST_ARGS+=(--require-signature --allowed-signers "$ALLOWED_SIGNERS")
-	fi
+# Read the device's lines until one starting with WANT (or RESULT) or the end; log the others.
+# Sets LINE to that line ("" at the end) and LAST to the last other line.
+LINE=
+LAST=
+read_until() { # FD WANT
+	local line
+	LINE=
+	while IFS= read -r line <&"$1"; do
+		case $line in
+		"$2"$'\t'* | RESULT$'\t'*)
+			LINE=$line
+			return 0
+			;;
+		LOG$'\t'*) say "${line#LOG$'\t'}" ;;
+		*)
+			say "  $line"
+			LAST=$line
+			;;
+		esac
+	done
+	return 0
 }
 
-serving() { # health output -> "version (sha12), pid N"
-	python3 -c '
-import json, sys
-for line in sys.argv[1].splitlines():
-    if line.startswith("STATUS "):
-        try:
-            s = json.loads(line[7:])
-            print("%s (%s), pid %s" % (s.get("model_version"), str(s.get("model_sha256"))[:12], s.get("pid")))
-        except ValueError:
-            break
-        sys.exit(0)
-print("?")
-' "$1"
-}
-
-# After a failed step: back to PREVIOUS, mark RELEASE failed, reload, and record why.
-undo() { # PREVIOUS SWITCHED(0/1) WHAT
-	local previous=$1 switched=$2 what=$3 note
-	if [[ $switched == 1 ]]; then
-		if step point "$MODEL_ROOT" "$previous"; then
-			note="current back to ${previous:-nothing}"
-			if [[ -n $previous ]]; then
-				if step health "$STATUS_FILE" "$SYSTEMCTL" "$SERVICE" "$MODEL_ROOT" "$TIMEOUT" 1; then
-					note+=", serving $(serving "$REPLY_OUT")"
-				else
-					note+=", BUT the daemon does not report it: $(last_line "$REPLY_OUT")"
-				fi
-			fi
-		else
-			note="COULD NOT restore current to ${previous:-nothing}: $(last_line "$REPLY_OUT")"
-		fi
-	else
-		note="current untouched (${previous:-none})"
-	fi
-	step mark_failed "$MODEL_ROOT" "$RELEASE" || note+="; could not mark it failed"
-	say "FAILED: $what; $note"
-	record FAILED "$RELEASE" "$what; $note"
+# RESULT<TAB>STATUS<TAB>RELEASE<TAB>DETAIL -> the summary row, and a line in the log.
+record_result() {
+	local status release detail
+	IFS=$'\t' read -r _ status release detail <<<"$1"
+	record "$status" "$release" "$detail"
+	if [[ $status == FAILED ]]; then say "FAILED: $detail"; else say "$status: $detail"; fi
 }
 
 flash_host() {
-	local prep previous exists method rc=0 out line
+	local to from pid ready method rc=0 out go=$WORK/go.$IDX replies=$WORK/replies.$IDX
 	setup_host "$1"
 	record FAILED "$RELEASE" "stopped unexpectedly"
 	if [[ $DRY_RUN == 1 ]]; then
-		say "would copy $BUNDLE to $COPY_HOST:$MODEL_ROOT/releases/$RELEASE.partial ($TRANSFER), rename it, check $((${#VERIFY_ARGS[@]} / 2)) sha256s, run '$MUSHCAM selftest --model $MODEL_ROOT/releases/$RELEASE', switch $MODEL_ROOT/current, '$SYSTEMCTL reload $SERVICE', wait ${TIMEOUT}s for $STATUS_FILE, keep $KEEP releases"
+		say "would copy $BUNDLE to $COPY_HOST:$MODEL_ROOT/releases/$RELEASE.partial ($TRANSFER), then run '$MUSHCAM release receive $RELEASE' there: verify the copy and its $FILE_COUNT sha256s, selftest, switch $MODEL_ROOT/current, '$SYSTEMCTL reload $SERVICE', wait ${TIMEOUT}s for $STATUS_FILE, keep $KEEP releases"
 		record "would flash" "$RELEASE" "dry run: nothing done"
 		return 0
 	fi
 
 	say "connecting"
-	if ! step prepare "$MODEL_ROOT" "$RELEASE"; then
-		record FAILED "$RELEASE" "connect/prepare: $(last_line "$REPLY_OUT")"
-		close_connection
-		return 0
-	fi
-	prep=$REPLY_OUT
-	previous=$(kv current "$prep")
-	exists=$(kv exists "$prep")
+	# A device that hangs up early must not kill this job with SIGPIPE before it records why.
+	trap '' PIPE
+	# One session for the whole flash: the device holds its lock until this session ends. It says
+	# READY (whether to copy), then waits for `go` on its stdin (a fifo here).
+	mkfifo "$go" "$replies"
+	local receive=(release receive "$RELEASE" --card-sha256 "$CARD_FILE_SHA" --keep "$KEEP" "${SERVICE_ARGS[@]}")
+	[[ -n $SIG_FILE_SHA ]] && receive+=(--signature-sha256 "$SIG_FILE_SHA")
+	# shellcheck disable=SC2029  # device_command quoted every word.
+	ssh "${HOST_SSH[@]}" -- "$SSH_HOST" "$(device_command "${receive[@]}")" <"$go" >"$replies" 2>&1 &
+	pid=$!
+	exec {to}>"$go" {from}<"$replies"
 
-	if [[ $previous == "$RELEASE" ]]; then
-		say "$RELEASE is already current; checking it"
-		if ! step verify "$MODEL_ROOT/releases/$RELEASE" "${VERIFY_ARGS[@]}"; then
-			# Do not undo: it is what the device runs, and there is nothing better to go back to here.
-			record FAILED "$RELEASE" "already current but its files differ from the card: $(last_line "$REPLY_OUT"); flash another release or fix by hand"
-		elif step health "$STATUS_FILE" "$SYSTEMCTL" "$SERVICE" "$MODEL_ROOT" 2 0 ||
-			step health "$STATUS_FILE" "$SYSTEMCTL" "$SERVICE" "$MODEL_ROOT" "$TIMEOUT" 1; then
-			record unchanged "$RELEASE" "already current, serving $(serving "$REPLY_OUT")"
+	read_until "$from" READY
+	ready=$LINE
+	if [[ $ready != READY$'\t'* ]]; then
+		exec {to}>&-
+		if [[ -n $ready ]]; then
+			record_result "$ready"
 		else
-			record FAILED "$RELEASE" "already current but the daemon does not report it: $(last_line "$REPLY_OUT")"
+			local why=${LAST:-no answer}
+			[[ $why == *"command not found"* || $why == *"No such file"* ]] &&
+				why+=" (is mushcam installed on the device? deploy/install.sh links it into /usr/local/bin; or give --mushcam)"
+			[[ $why == *"No such command"* ]] &&
+				why+=" (the device's mushcam predates \`mushcam release\`: run deploy/install.sh there again)"
+			record FAILED "$RELEASE" "connect/prepare: $why"
 		fi
+		exec {from}<&-
+		wait "$pid" || true
 		close_connection
 		return 0
 	fi
 
-	if [[ $exists == 1 ]]; then
-		say "$RELEASE already on the device; not copying again"
-	else
+	if [[ $(kv copy "$ready") == 1 ]]; then
 		method=$TRANSFER
 		if [[ $method == auto ]]; then
 			method=scp
-			if command -v rsync >/dev/null && { [[ $(kv rsync "$prep") == 1 ]] || [[ -n $RSYNC_PATH ]]; }; then
+			if command -v rsync >/dev/null && { [[ $(kv rsync "$ready") == 1 ]] || [[ -n $RSYNC_PATH ]]; }; then
 				method=rsync
 			fi
+		fi
+		# scp -r into an existing directory would nest the bundle inside it: the device clears it.
+		if [[ $method == scp ]]; then
+			printf 'clear\n' >&"$to" || true
+			read_until "$from" CLEARED
 		fi
 		say "copying with $method to $MODEL_ROOT/releases/$RELEASE.partial"
 		out=$(transfer "$method") || rc=$?
 		if [[ $rc -ne 0 ]]; then
 			[[ -n $out ]] && while IFS= read -r line; do say "  $line"; done <<<"$out"
 			# Not the release's fault: leave the .partial copy for the next run to resume.
+			printf 'abort\n' >&"$to" || true
+			exec {to}>&-
+			read_until "$from" NONE
+			exec {from}<&-
+			wait "$pid" || true
 			say "FAILED: copy did not complete; current untouched"
-			record FAILED "$RELEASE" "copy ($method) failed: $(last_line "$out"); current untouched (${previous:-none})"
-			close_connection
-			return 0
-		fi
-		if ! step finalize "$MODEL_ROOT" "$RELEASE"; then
-			record FAILED "$RELEASE" "rename of the copy failed: $(last_line "$REPLY_OUT"); current untouched"
+			record FAILED "$RELEASE" "copy ($method) failed: $(last_line "$out"); current untouched ($(kv current "$ready" | sed 's/^$/none/'))"
 			close_connection
 			return 0
 		fi
 	fi
-
-	say "checking sha256s on the device"
-	if ! step verify "$MODEL_ROOT/releases/$RELEASE" "${VERIFY_ARGS[@]}"; then
-		undo "$previous" 0 "sha256 check: $(last_line "$REPLY_OUT")"
-		close_connection
-		return 0
-	fi
-
-	say "running the selftest"
-	selftest_args
-	if ! step selftest "${SELFTEST_ARGS[@]}"; then
-		undo "$previous" 0 "selftest: $(last_line "$REPLY_OUT")"
-		close_connection
-		return 0
-	fi
-
-	say "switching current from ${previous:-nothing} to $RELEASE"
-	if ! step point "$MODEL_ROOT" "$RELEASE"; then
-		undo "$previous" 0 "switch: $(last_line "$REPLY_OUT")"
-		close_connection
-		return 0
-	fi
-
-	say "reloading $SERVICE and waiting for it to report $RELEASE"
-	if ! step health "$STATUS_FILE" "$SYSTEMCTL" "$SERVICE" "$MODEL_ROOT" "$TIMEOUT" 1; then
-		undo "$previous" 1 "health: $(last_line "$REPLY_OUT")"
-		close_connection
-		return 0
-	fi
-	local now
-	now=$(serving "$REPLY_OUT")
-
-	if step prune "$MODEL_ROOT" "$KEEP"; then
-		[[ -n $REPLY_OUT ]] && while IFS= read -r line; do say "  $line"; done <<<"$REPLY_OUT"
+	printf 'go\n' >&"$to" || true
+	exec {to}>&-
+	read_until "$from" NONE
+	exec {from}<&-
+	wait "$pid" || true
+	if [[ -n $LINE ]]; then
+		record_result "$LINE"
 	else
-		say "warning: pruning old releases failed"
+		record FAILED "$RELEASE" "the device stopped answering: ${LAST:-no result}"
 	fi
-	say "ok: serving $now"
-	record ok "$RELEASE" "serving $now (was ${previous:-nothing})"
 	close_connection
 }
 
 rollback_host() {
-	local current target
+	local out line
 	setup_host "$1"
 	record FAILED "-" "stopped unexpectedly"
-	if ! step rollback_target "$MODEL_ROOT"; then
-		record FAILED "-" "rollback: $(last_line "$REPLY_OUT")"
-		close_connection
-		return 0
-	fi
-	current=$(kv current "$REPLY_OUT")
-	target=$(kv target "$REPLY_OUT")
-	if [[ $DRY_RUN == 1 ]]; then
-		record "would roll back" "$target" "dry run: from $current"
-		close_connection
-		return 0
-	fi
-	say "rolling back from $current to $target"
-	RELEASE=$current
-	if ! step point "$MODEL_ROOT" "$target"; then
-		record FAILED "$current" "rollback switch: $(last_line "$REPLY_OUT")"
-	elif step health "$STATUS_FILE" "$SYSTEMCTL" "$SERVICE" "$MODEL_ROOT" "$TIMEOUT" 1; then
-		local now
-		now=$(serving "$REPLY_OUT")
-		# The release we left is marked so that the next rollback goes further back, not forth.
-		step mark_failed "$MODEL_ROOT" "$current" || say "warning: could not mark $current failed"
-		say "ok: serving $now"
-		record "rolled back" "$target" "serving $now; $current marked .failed"
+	local args=(release rollback --porcelain "${SERVICE_ARGS[@]}")
+	[[ $DRY_RUN == 1 ]] && args+=(--dry-run)
+	out=$(remote "${args[@]}" 2>&1) || true
+	LINE=
+	while IFS= read -r line; do
+		case $line in
+		RESULT$'\t'*) LINE=$line ;;
+		LOG$'\t'*) say "${line#LOG$'\t'}" ;;
+		*) [[ -n $line ]] && say "  $line" && LAST=$line ;;
+		esac
+	done <<<"$out"
+	if [[ -n $LINE ]]; then
+		record_result "$LINE"
 	else
-		# Rollback target unhealthy: put back what was serving.
-		local why
-		why=$(last_line "$REPLY_OUT")
-		if step point "$MODEL_ROOT" "$current"; then
-			step health "$STATUS_FILE" "$SYSTEMCTL" "$SERVICE" "$MODEL_ROOT" "$TIMEOUT" 1 || true
-		fi
-		record FAILED "$current" "$target did not come up ($why); current back to $current"
+		record FAILED "-" "rollback: ${LAST:-no answer from the device}"
 	fi
 	close_connection
 }
@@ -869,6 +615,7 @@ summary() {
 main() {
 	parse_args "$@"
 	command -v ssh >/dev/null || die "ssh not found (install openssh-client)"
+	check_duplicates
 	if [[ $ROLLBACK == 0 ]]; then
 		load_bundle
 		printf '%s: %s as release %s to %d host(s)\n' "$PROG" "$BUNDLE" "$RELEASE" "${#HOST_LINES[@]}" >&2

@@ -16,9 +16,11 @@ Install the mushcam device software on this Pi (no TensorFlow), in these steps:
   user    the service user 'mushcam' (groups gpio, video, i2c)
   dirs    /var/lib/mushcam/models/releases, /var/lib/mushcam/captures, /etc/mushcam
   venv    /opt/mushcam/venv (--system-site-packages, so picamera2 from apt is visible) with this
-          checkout pip-installed into it: the device package only, never the 'train' extra
+          checkout pip-installed into it: the device package only, never the 'train' extra;
+          /usr/local/bin/mushcam links to its mushcam
   config  /etc/mushcam/config.toml with the defaults, only if it does not exist yet
-  model   the checkout's shipped model as the first release, only if no model is current yet
+  model   the checkout's shipped model as the first release (mushcam release install --activate),
+          only if no model is current yet
   i2c     load i2c-dev at boot, and enable I2C with raspi-config if it is there
   unit    systemd/mushcam.service installed, enabled and (re)started if a model is current
 
@@ -147,7 +149,7 @@ step_user() {
 		systemctl=$(command -v systemctl || echo /usr/bin/systemctl)
 		# Exactly the commands flash.sh runs with --systemctl "sudo -n systemctl"; nothing else.
 		install_file "$SUDOERS" 0440 "# deploy/install.sh: $DEPLOY_USER may reload mushcam (deploy/flash.sh)
-$DEPLOY_USER ALL=(root) NOPASSWD: $systemctl reload mushcam, $systemctl start mushcam, $systemctl is-active mushcam, $systemctl is-active --quiet mushcam"
+$DEPLOY_USER ALL=(root) NOPASSWD: $systemctl reload mushcam, $systemctl start mushcam, $systemctl is-active mushcam, $systemctl is-active --quiet mushcam, $systemctl show -p MainPID --value mushcam"
 		if [[ $DRY_RUN == 0 ]] && ! visudo -cf "$SUDOERS" >/dev/null; then
 			rm -f -- "$SUDOERS"
 			die "the sudoers rule for $DEPLOY_USER did not validate; removed it"
@@ -206,6 +208,10 @@ step_venv() {
 	# A regular (not editable) install of the checkout's base package: no 'train' extra, so no
 	# TensorFlow; the venv does not depend on the checkout afterwards.
 	run "$VENV/bin/python" -m pip install --upgrade "${constraint[@]}" "$SOURCE"
+	# `mushcam` on PATH (flash.sh runs `mushcam release` over SSH; people run `mushcam selftest`). The
+	# link names the venv where it will be on the device, also under --root (an image being built).
+	run mkdir -p "$ROOT/usr/local/bin"
+	run ln -sfn /opt/mushcam/venv/bin/mushcam "$ROOT/usr/local/bin/mushcam"
 	if [[ $DRY_RUN == 0 ]] && "$VENV/bin/python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("tensorflow") is None)'; then
 		say "warning: TensorFlow is importable in $VENV; the device does not need it (was the 'train' extra installed?)"
 	fi
@@ -246,10 +252,10 @@ step_config() {
 	fi
 }
 
-# The first release, so a fresh device answers presses before anyone runs flash.sh. Same layout
-# as flash.sh: releases/<version>-<sha12> and a relative `current` link.
+# The first release, so a fresh device answers presses before anyone runs flash.sh. The device's
+# release store has one owner, `mushcam release` (device/release.py): it copies the bundle in,
+# verifies the copy (hashes, a plain version, no symlinks), self-tests it and switches `current`.
 step_model() {
-	local name
 	if [[ -L $MODELS_DIR/current || -e $MODELS_DIR/current ]]; then
 		printf '= %s exists; models are deployed with deploy/flash.sh\n' "$MODELS_DIR/current"
 		return 0
@@ -258,22 +264,18 @@ step_model() {
 		say "no model at $MODEL; deploy one with deploy/flash.sh before starting the service"
 		return 0
 	fi
-	name=$(python3 -c '
-import json, sys
-card = json.load(open(sys.argv[1] + "/model.json", encoding="utf-8"))
-print(card["version"] + "-" + card["files"]["model.tflite"][:12])
-' "$MODEL") || die "$MODEL/model.json is not a bundle card"
-	local release=$MODELS_DIR/releases/$name
-	# Copied under a temporary name and renamed, so a half copy never looks like a release.
-	run rm -rf -- "$release.partial" "$release"
-	run cp -R -- "$MODEL" "$release.partial"
-	run chmod -R u=rwX,go=rX "$release.partial"
-	# flash.sh prunes old releases as the deploy user: it must own this one too.
-	[[ -z $DEPLOY_USER ]] || own -R "$DEPLOY_USER" "$release.partial"
-	run mv -T -- "$release.partial" "$release"
-	run touch -- "$release"
-	run ln -sfn "releases/$name" "$MODELS_DIR/.current.install"
-	run mv -T -- "$MODELS_DIR/.current.install" "$MODELS_DIR/current"
+	local mushcam=("$VENV/bin/mushcam")
+	if [[ ! -x $VENV/bin/mushcam ]] && { [[ $DRY_RUN == 0 ]] || skipped venv; }; then
+		# No venv (--skip venv): the checkout's device package on this python3.
+		mushcam=(env "PYTHONPATH=$SOURCE" python3 -m device)
+	fi
+	run "${mushcam[@]}" release install "$MODEL" --root "$MODELS_DIR" --activate --config "$ETC_DIR/config.toml" ||
+		die "the first model was refused (above); nothing was installed; fix it or pass --model DIR"
+	# flash.sh prunes old releases as the deploy user: it must own them too.
+	if [[ -n $DEPLOY_USER ]]; then
+		own -R "$DEPLOY_USER" "$MODELS_DIR/releases"
+		[[ ! -e $MODELS_DIR/.lock ]] || own "$DEPLOY_USER" "$MODELS_DIR/.lock"
+	fi
 }
 
 step_i2c() {

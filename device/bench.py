@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.bundle import Bundle
+from device.bundle import MODEL, Bundle
 from device.classifier import Classifier
 from device.config import Config
 from device.engine import CpuEngine, default_threads, make_interpreter
@@ -112,9 +112,10 @@ def stage_times(bundle: Bundle, image: Path, runs: int, threads: int | None) -> 
     }
 
 
-def invoke_time(model: Path, runs: int, threads: int | None) -> dict:
-    """Raw invoke() of any .tflite (e.g. a float model for comparison) on a zero input."""
-    interp = make_interpreter(model, threads)
+def invoke_time(model: Path, runs: int, threads: int | None, content: bytes | None = None) -> dict:
+    """Raw invoke() of any .tflite (e.g. a float model for comparison; `content`: a bundle's verified bytes)
+    on a zero input."""
+    interp = make_interpreter(model, threads, content=content)
     d = interp.get_input_details()[0]
     interp.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
     for _ in range(3):
@@ -144,7 +145,9 @@ def run_bench(bundle: Bundle, image: Path, runs: int = 200, threads: list[int] |
     stages = stage_times(bundle, image, runs, None)
     # The default and each count, measured in turns so that a busy moment does not favour one of them.
     counts = ["default"] + [str(n) for n in threads]
-    interps = {k: make_interpreter(bundle.model_path, None if k == "default" else int(k)) for k in counts}
+    content = bundle.file_bytes(MODEL)  # the verified bytes, not the file again
+    interps = {k: make_interpreter(bundle.model_path, None if k == "default" else int(k), content=content)
+               for k in counts}
     samples = {k: [] for k in counts}
     for _ in range(3):
         for k in counts:

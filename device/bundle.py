@@ -8,22 +8,55 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+import re
+import stat
 import tempfile
 from dataclasses import dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from device.errors import BundleError
+from device.errors import BundleError, SignatureError
 from device.preprocess import InputSpec
+
+log = logging.getLogger("mushcam.bundle")
 
 FORMAT = "mushcam-bundle/1"
 CARD = "model.json"
 MODEL = "model.tflite"
 EDGETPU_MODEL = "model_edgetpu.tflite"
+SIGNATURE = "model.json.sig"
 EDIBILITY = ("edible", "poisonous")
 OUTPUT_DTYPES = ("int8", "uint8")
+VERDICTS = ("EDIBLE", "POISONOUS", "UNSURE")
+OOD_METHODS = ("knn", "mahalanobis")
+
+# Size caps, checked before a byte is parsed: a Pi has 1 GB and serves while it loads a new bundle.
+CARD_MAX_BYTES = 1 << 20  # the shipped card is ~11 KB
+CARD_MAX_DEPTH = 32  # the shipped card nests 6 deep; json's recursion would crash long before 100,000
+SIGNATURE_MAX_BYTES = 64 << 10  # an armoured SSH signature is under 1 KB
+FILE_MAX_BYTES = 64 << 20  # one listed file (the shipped model is 2.7 MB, its ood.npz 3.3 MB)
+BUNDLE_MAX_BYTES = 160 << 20  # all listed files together, held in memory while the bundle is served
+MAX_FILES = 1000
+
+# Hard safety floors: a card past them is refused whoever wrote (or signed) it. The trainer calibrates
+# inside them; they only stop a card loosened by mistake or by someone with write access to the disk.
+# (name, bound, "min"|"max", why)
+SAFETY_FLOORS = (
+    ("edible_min_confidence", 0.5, "min", "below 0.5 another species can be as likely as the edible one"),
+    ("poisonous_max_mass", 0.25, "max", "more than a quarter of the belief on poisonous species is no EDIBLE"),
+    ("poisonous_min_confidence", 0.5, "min", "a weaker poisonous guess must read UNSURE, not a species"),
+    ("confidence_margin", 0.0, "min", "a margin only ever makes the device stricter"),
+    ("ood_margin", 0.0, "min", "a margin only ever makes the device stricter"),
+    ("mass_margin", 0.0, "min", "a margin only ever makes the device stricter"),
+)
+# `ood_max_score` ceilings per score: at or past them the unknown-species check can no longer say no.
+# knn: 1 - mean cosine similarity; 1.0 means "as similar as an unrelated direction" (the shipped card: 0.35).
+# mahalanobis: distance per PCA dimension in standard deviations; 10 is far past any calibrated value
+# (the tiny test bundle's is 6.0), a judgement rather than a measurement.
+OOD_SCORE_CEILING = {"knn": 1.0, "mahalanobis": 10.0}
 
 
 @dataclass(frozen=True)
@@ -106,9 +139,13 @@ class ClassInfo:
 
 @dataclass(frozen=True)
 class Sample:
+    """A photo shipped in the bundle with the label (and, when the card says, the verdict) it must give."""
+
     path: Path
     label: str
     source: str = ""
+    verdict: str | None = None  # EDIBLE / POISONOUS / UNSURE when the card records it
+    file: str = ""  # its name in the card's `files` (its bytes: Bundle.file_bytes(file))
 
 
 @dataclass
@@ -125,6 +162,13 @@ class Bundle:
     thresholds: Thresholds
     samples: list[Sample] = field(default_factory=list)
     signer: str | None = None
+    # The verified bytes of every file in `files`, read once: the engine, the unknown-species score and
+    # the self-test use these, never the files again (which may have changed since they were checked).
+    data: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    # sha256 of the very card (and signature, when there is one) bytes that were verified and parsed: compare
+    # these with what was pushed rather than hashing the files again.
+    card_sha256: str = ""
+    signature_sha256: str | None = None
 
     @property
     def name(self) -> str:
@@ -151,6 +195,24 @@ class Bundle:
         ood = self.card.get("ood")
         return self.path / ood["file"] if ood else None
 
+    @property
+    def ood_file(self) -> str | None:
+        ood = self.card.get("ood")
+        return ood["file"] if ood else None
+
+    def file_bytes(self, name: str) -> bytes:
+        """The verified bytes of a file listed in the card's `files` (read once by load_bundle)."""
+        try:
+            return self.data[name]
+        except KeyError:
+            raise BundleError(f"{self.path / name}: not among the bundle's verified `files`") from None
+
+    def thresholds_line(self) -> str:
+        """The thresholds in effect, for the load log and the self-test's output."""
+        t = self.thresholds
+        parts = [f"{f.name}={getattr(t, f.name)}" for f in fields(t)]
+        return "thresholds in effect: " + ", ".join(parts)
+
     def edibility(self, label: str) -> str:
         return self.classes[label].edibility
 
@@ -167,15 +229,20 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temp file + rename, so a crash never leaves a half-written file."""
+def write_json_atomic(path: Path, data: Any, mode: int | None = None) -> None:
+    """Write JSON through a temp file + rename, so a crash never leaves a half-written file.
+
+    The file gets `mode` when given (whatever the umask), else 0666 minus the umask.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         # mkstemp makes the file 0600; the daemon's user and deploy tools must be able to read it.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")
@@ -194,21 +261,69 @@ def write_card(bundle_dir: Path, card: dict) -> Path:
     return path
 
 
-def _read_card(path: Path) -> dict:
-    if not path.is_dir():
-        raise BundleError(f"{path}: no such model bundle directory (pass --model DIR, or run `make model`)")
-    card_path = path / CARD
-    if not card_path.is_file():
-        raise BundleError(f"{path}: no {CARD}; is this a model bundle? (mushcam-train export writes one)")
+def read_capped(path: Path, cap: int, what: str = "file") -> bytes:
+    """Read one regular file once, refusing it (one line) before reading when it is bigger than `cap`.
+
+    Not through a symlink (a bundle holds plain files) and never a FIFO or device (which could block or
+    never end): the size is checked on the open handle, and at most cap + 1 bytes are read from it.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing ({what}); re-copy the bundle") from None
+    except OSError as e:
+        if os.path.islink(path):
+            raise BundleError(f"{path}: is a symlink; a bundle holds plain files, re-copy it") from None
+        raise BundleError(f"{path}: cannot read it ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{path}: not a regular file; a bundle holds plain files, re-copy it")
+        if st.st_size > cap:
+            raise BundleError(f"{path}: {st.st_size} bytes, over the {cap}-byte limit for a {what}; refused unread")
+        data = f.read(cap + 1)
+    if len(data) > cap:  # it grew while being read
+        raise BundleError(f"{path}: over the {cap}-byte limit for a {what}; refused")
+    return data
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (lists and objects), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def parse_card(data: bytes, card_path: Path) -> dict:
+    """Parse the card's bytes (already read once, size-capped); one BundleError line if they are not a card."""
+    try:
+        card = json.loads(data.decode("utf-8"))
+    except RecursionError:  # the C parser stops itself at Python's recursion limit (~1000 levels)
+        card = None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{card_path}: not valid JSON ({e}); re-copy the bundle") from None
+    if card is None or _depth(card) > CARD_MAX_DEPTH:
+        raise BundleError(f"{card_path}: JSON nested deeper than {CARD_MAX_DEPTH} levels; not a model card")
     if not isinstance(card, dict):
         raise BundleError(f"{card_path}: must hold a JSON object")
     if card.get("format") != FORMAT:
         raise BundleError(f"{card_path}: `format` is {card.get('format')!r}, expected {FORMAT!r}")
     return card
+
+
+def plain_name(name: Any, where: str) -> str:
+    """A relative path inside the bundle (`samples/x.jpg`): no absolute path, no `..`, no backslash."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise BundleError(f"model.json: {where} {name!r} must be a plain relative name inside the bundle")
+    p = PurePosixPath(name)
+    if p.is_absolute() or any(part in ("..", ".", "") for part in name.split("/")):
+        raise BundleError(f"model.json: {where} {name!r} must be a plain name inside the bundle (no absolute path, no ..)")
+    return name
 
 
 def _labels_and_classes(card: dict) -> tuple[list[str], dict[str, ClassInfo]]:
@@ -232,20 +347,51 @@ def _labels_and_classes(card: dict) -> tuple[list[str], dict[str, ClassInfo]]:
     return labels, classes
 
 
-def _check_files(path: Path, card: dict, check_sha: bool) -> None:
+def _read_files(path: Path, card: dict, check_sha: bool, signed: bool) -> dict[str, bytes]:
+    """Read every file in `files` once, check its sha256 on those bytes, and return the bytes."""
     files = card.get("files")
     if not isinstance(files, dict) or MODEL not in files:
         raise BundleError(f"model.json: `files` must list {MODEL} with its sha256")
+    if len(files) > MAX_FILES:
+        raise BundleError(f"model.json: `files` lists {len(files)} files, more than {MAX_FILES}")
+    data: dict[str, bytes] = {}
+    total = 0
     for name, digest in files.items():
+        plain_name(name, "`files` entry")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise BundleError(f"model.json: `files.{name}` must be a sha256 (64 hex digits)")
         f = path / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise BundleError(f"model.json: `files` entry {name!r} must be a plain name inside the bundle")
-        if not f.is_file():
-            raise BundleError(f"{f}: missing (listed in model.json `files`); re-copy the bundle")
-        if f.stat().st_size == 0:
+        blob = read_capped(f, min(FILE_MAX_BYTES, BUNDLE_MAX_BYTES - total), "bundle file (listed in model.json `files`)")
+        total += len(blob)
+        if not blob:
             raise BundleError(f"{f}: empty file; re-copy the bundle")
-        if check_sha and sha256_file(f) != digest:
+        if check_sha and hashlib.sha256(blob).hexdigest() != digest:
+            if signed:
+                raise SignatureError(
+                    f"{f}: tampered or corrupt, its sha256 differs from the signed card; "
+                    "copy the bundle again from a trusted source"
+                )
             raise BundleError(f"{f}: sha256 does not match model.json; the file is corrupt or was changed, re-copy the bundle")
+        data[name] = blob
+    return data
+
+
+def check_safety_floors(t: Thresholds, ood_method: str | None) -> None:
+    """Refuse thresholds past the hard floors (SAFETY_FLOORS, OOD_SCORE_CEILING), one line naming the key."""
+    for name, bound, kind, why in SAFETY_FLOORS:
+        if not hasattr(t, name):
+            continue
+        v = getattr(t, name)
+        if (kind == "min" and v < bound) or (kind == "max" and v > bound):
+            sign = ">=" if kind == "min" else "<="
+            raise BundleError(f"model.json: `thresholds.{name}` = {v} is past the safety floor ({sign} {bound}: {why}); refused")
+    if ood_method is not None and t.ood_max_score is not None:
+        ceiling = OOD_SCORE_CEILING[ood_method]
+        if t.ood_max_score >= ceiling:
+            raise BundleError(
+                f"model.json: `thresholds.ood_max_score` = {t.ood_max_score} is past the safety ceiling for a "
+                f"{ood_method} score (< {ceiling}: the unknown-species check would never say no); refused"
+            )
 
 
 def load_bundle(
@@ -254,21 +400,39 @@ def load_bundle(
     check_sha: bool = True,
     require_signature: bool = False,
     allowed_signers: str | os.PathLike | None = None,
+    identity: str | None = None,
 ) -> Bundle:
     """Read and validate a bundle directory; raise BundleError (one line naming the bad field) if anything is off.
 
-    With `require_signature`, `model.json.sig` must verify against `allowed_signers` (device.signing); the
-    card lists every file's sha256, so a valid signature covers the whole bundle.
+    This is the one place that verifies a bundle's bytes. Each file is read once: `model.json` (size- and
+    depth-capped), with `require_signature` its `model.json.sig` checked against `allowed_signers` over
+    those same bytes (device.signing), then parsed; every file in `files` read into memory and hashed,
+    and the returned Bundle serves those bytes (`file_bytes`), so a file swapped on disk after the check
+    is never used. The card lists every file the device reads with its sha256, so a valid signature covers
+    the whole bundle. Thresholds past the hard safety floors are refused; those in effect are logged.
     """
     path = Path(path)
-    card = _read_card(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such model bundle directory (pass --model DIR, or run `make model`)")
+    card_path = path / CARD
+    if not os.path.lexists(card_path):
+        raise BundleError(f"{path}: no {CARD}; is this a model bundle? (mushcam-train export writes one)")
+    card_bytes = read_capped(card_path, CARD_MAX_BYTES, "model card")
+    sig_path = path / SIGNATURE
+    sig_bytes = read_capped(sig_path, SIGNATURE_MAX_BYTES, "signature") if os.path.lexists(sig_path) else None
     signer = None
     if require_signature:
-        from device.signing import verify_bundle  # ssh-keygen is only needed when signatures are required
+        from device.signing import verify_card  # ssh-keygen is only needed when signatures are required
 
-        if allowed_signers is None:
+        if allowed_signers is None or str(allowed_signers) == "":
             raise BundleError("signatures are required but no allowed_signers file is configured")
-        signer = verify_bundle(path, Path(allowed_signers))
+        if sig_bytes is None:
+            raise SignatureError(
+                f"{path}: unsigned bundle (no {SIGNATURE}) but a signature is required; "
+                "sign it with `mushcam-train sign BUNDLE --key KEY`"
+            )
+        signer = verify_card(card_bytes, sig_bytes, Path(allowed_signers), identity=identity, where=path)
+    card = parse_card(card_bytes, card_path)
     labels, classes = _labels_and_classes(card)
     spec = InputSpec.from_dict(card.get("input"))
     outputs = card.get("outputs")
@@ -281,18 +445,42 @@ def load_bundle(
         )
     embedding = OutputSpec.from_dict("embedding", outputs["embedding"]) if outputs.get("embedding") else None
     thresholds = Thresholds.from_dict(card.get("thresholds"))
-    _check_files(path, card, check_sha)
+    files = card.get("files")
+    if not isinstance(files, dict) or MODEL not in files:
+        raise BundleError(f"model.json: `files` must list {MODEL} with its sha256")
     ood = card.get("ood")
+    ood_method = None
     if ood is not None:
-        if not isinstance(ood, dict) or ood.get("file") not in card["files"]:
+        if not isinstance(ood, dict) or ood.get("file") not in files:
             raise BundleError("model.json: `ood.file` must be one of the bundle's `files`")
+        ood_method = ood.get("method", "mahalanobis")
+        if ood_method not in OOD_METHODS:
+            raise BundleError(f"model.json: `ood.method` is {ood_method!r}; valid: {', '.join(OOD_METHODS)}")
         if embedding is None:
             raise BundleError("model.json: `ood` needs an `outputs.embedding`")
         if thresholds.ood_max_score is None:
             raise BundleError("model.json: `ood` needs `thresholds.ood_max_score`")
+    check_safety_floors(thresholds, ood_method)
+    raw_samples = card.get("samples") or []
+    if not isinstance(raw_samples, list):
+        raise BundleError("model.json: `samples` must be a list")
     samples = []
-    for i, s in enumerate(card.get("samples") or []):
+    for i, s in enumerate(raw_samples):
         if not isinstance(s, dict) or s.get("label") not in labels or not isinstance(s.get("file"), str):
             raise BundleError(f"model.json: `samples[{i}]` needs a `file` and a `label` from `labels`")
-        samples.append(Sample(path / s["file"], s["label"], str(s.get("source", ""))))
-    return Bundle(path, card, labels, classes, spec, logits, embedding, thresholds, samples, signer)
+        name = plain_name(s["file"], f"`samples[{i}].file`")
+        if name not in files:
+            raise BundleError(
+                f"model.json: `samples[{i}].file` {name!r} is not listed in `files` with its sha256; "
+                "every file the device reads must be (re-export the bundle)"
+            )
+        verdict = s.get("verdict")
+        if verdict is not None and verdict not in VERDICTS:
+            raise BundleError(f"model.json: `samples[{i}].verdict` is {verdict!r}; valid: {', '.join(VERDICTS)}")
+        samples.append(Sample(path / name, s["label"], str(s.get("source", "")), verdict, name))
+    data = _read_files(path, card, check_sha, signed=signer is not None)
+    bundle = Bundle(path, card, labels, classes, spec, logits, embedding, thresholds, samples, signer, data,
+                    hashlib.sha256(card_bytes).hexdigest(),
+                    hashlib.sha256(sig_bytes).hexdigest() if sig_bytes is not None else None)
+    log.info("bundle %s %s from %s: %s", bundle.name, bundle.version, path, bundle.thresholds_line())
+    return bundle

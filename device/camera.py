@@ -39,6 +39,20 @@ class Camera(ABC):
     def close(self) -> None:
         """Release the camera; safe to call twice."""
 
+    #: What a frame is recorded as coming from (a capture's result.json); the fake camera names its photo.
+    source = "camera"
+    press_sources: list[str] = []
+
+    def capture_press(self, n: int) -> list[np.ndarray]:
+        """The ``n`` frames of one button press; :attr:`press_sources` then says where each came from.
+
+        A real camera takes ``n`` consecutive frames of the scene in front of it; the fake camera
+        overrides this so that one press is one photo (a scene), not ``n`` different ones.
+        """
+        frames = [self.capture() for _ in range(n)]
+        self.press_sources = [self.source] * n
+        return frames
+
     def __enter__(self):
         return self
 
@@ -77,6 +91,11 @@ class FakeCamera(Camera):
     file in sorted order (``last_path`` says which), starting over at the end when ``loop`` is true
     and raising CameraError otherwise. ``size`` is accepted for parity with real cameras and ignored.
 
+    :meth:`capture_press` takes all frames of one press from one photo (the next press moves to the
+    next photo), as a real camera photographs one scene. With ``jitter`` (the default) every frame but
+    the first is slightly cropped, maybe mirrored and brightened or darkened, so the frames differ as a
+    real camera's do; the random generator is seeded (``seed``), so a run is repeatable.
+
     Faults for tests: ``fail_after=n`` makes every capture after the first ``n`` fail (a camera that
     died); :meth:`fail` makes the next ``n`` captures fail, then it recovers (a transient glitch).
     An injected failure does not consume a file; an undecodable file does (so a loop moves past it).
@@ -88,6 +107,8 @@ class FakeCamera(Camera):
         size: tuple[int, int] | None = None,
         loop: bool = True,
         fail_after: int | None = None,
+        jitter: bool = True,
+        seed: int = 0,
     ):
         self.source = str(source)
         self.paths = _find_images(source)
@@ -103,12 +124,49 @@ class FakeCamera(Camera):
         self._next = 0
         self._failures = 0
         self._closed = False
+        self.jitter = jitter
+        self._rng = np.random.default_rng(seed)
+        self.press_sources: list[str] = []
 
     def fail(self, n: int = 1) -> None:
         """Make the next ``n`` captures raise CameraError."""
         self._failures = n
 
     def capture(self) -> np.ndarray:
+        """The next photo, as it is on disk (never jittered: ``run --once`` classifies the photos themselves)."""
+        self._check_faults()
+        frame = self._next_photo()
+        self.captures += 1
+        return frame
+
+    def capture_press(self, n: int) -> list[np.ndarray]:
+        """``n`` frames of the next photo: the photo itself first, then jittered copies (if ``jitter``)."""
+        frames: list[np.ndarray] = []
+        photo = None
+        for _ in range(n):
+            self._check_faults()  # per frame, so fail_after=n still counts frames
+            if photo is None:
+                photo = self._next_photo()
+                frames.append(photo)
+            else:
+                frames.append(self._jittered(photo) if self.jitter else photo.copy())
+            self.captures += 1
+        self.press_sources = [str(self.last_path)] * n
+        return frames
+
+    def _jittered(self, photo: np.ndarray) -> np.ndarray:
+        """A copy a hand-held camera might have taken a moment later: up to 3 % cropped from each side,
+        mirrored half the time, brightness within +-4 %. Small enough to keep the scene the same."""
+        rng = self._rng
+        h, w = photo.shape[:2]
+        top, bottom, left, right = (int(rng.integers(0, max(1, int(side * 0.03)) + 1)) for side in (h, h, w, w))
+        frame = photo[top : h - bottom, left : w - right]  # each side < 5 %: never empty
+        if rng.random() < 0.5:
+            frame = frame[:, ::-1]
+        frame = np.clip(frame.astype(np.float32) * rng.uniform(0.96, 1.04), 0, 255).astype(np.uint8)
+        return _checked(frame, f"fake camera ({self.last_path})")
+
+    def _check_faults(self) -> None:
         if self._closed:
             raise CameraError("fake camera: capture after close()")
         if self._failures > 0:
@@ -116,6 +174,8 @@ class FakeCamera(Camera):
             raise CameraError("fake camera: injected failure (FakeCamera.fail)")
         if self.fail_after is not None and self.captures >= self.fail_after:
             raise CameraError(f"fake camera: injected failure after {self.fail_after} frames (fail_after)")
+
+    def _next_photo(self) -> np.ndarray:
         if self._next >= len(self.paths):
             if not self.loop:
                 raise CameraError(f"fake camera: no more images in {self.source} (all {len(self.paths)} used)")
@@ -126,7 +186,6 @@ class FakeCamera(Camera):
             frame = load_image(path)
         except ImageError as e:
             raise CameraError(f"fake camera: cannot decode {path}: {e}") from e
-        self.captures += 1
         return _checked(frame, f"fake camera ({path})")
 
     def close(self) -> None:
@@ -151,6 +210,7 @@ class OpenCVCamera(Camera):
             ) from e
         self._cv2 = cv2
         self.device = device
+        self.source = f"opencv:{device}"
         self.flush = flush
         self._capture = cv2.VideoCapture(device)
         if not self._capture.isOpened():
@@ -210,6 +270,7 @@ class PiCamera2Camera(Camera):
                 "venv with --system-site-packages"
             ) from e
         self._camera = None
+        self.source = f"picamera2:{camera_num}"
         try:
             self._camera = Picamera2(camera_num)
             # "RGB888" is, despite its name, B,G,R byte order per pixel (libcamera's naming).
@@ -258,8 +319,8 @@ class PiCamera2Camera(Camera):
 CAMERAS = {"fake": FakeCamera, "opencv": OpenCVCamera, "picamera2": PiCamera2Camera}
 
 
-def open_camera(spec: str, size: tuple[int, int] | None = None) -> Camera:
-    """Open the camera a config string names; ``size`` is the model input (width, height).
+def parse_camera_spec(spec: str) -> tuple[str, str | int]:
+    """Check a camera config string without opening anything: (kind, argument) or one ConfigError line.
 
     ``fake:PATH`` (file, folder or glob), ``opencv`` / ``opencv:INDEX`` / ``opencv:/dev/videoN``,
     ``picamera2`` / ``picamera2:N`` (N: camera number on a Pi with two cameras).
@@ -268,15 +329,28 @@ def open_camera(spec: str, size: tuple[int, int] | None = None) -> Camera:
     kind = kind.strip().lower()
     if kind not in CAMERAS:
         raise ConfigError(
-            f"unknown camera {spec!r}; valid kinds: {', '.join(CAMERAS)} (fake:PATH, opencv:INDEX|PATH, picamera2)"
+            f"unknown camera {spec!r}; valid kinds: {', '.join(CAMERAS)} (fake:PATH, opencv:INDEX|PATH, picamera2[:N])"
         )
     if kind == "fake":
         if not arg:
             raise ConfigError("camera 'fake' needs a path: fake:PATH (an image, a folder or a glob)")
-        return FakeCamera(arg, size=size)
-    if kind == "opencv":
-        arg = arg.strip()
-        return OpenCVCamera(int(arg) if arg.isdigit() else (arg or 0), size=size)
-    if arg and not arg.strip().isdigit():
+        return kind, arg
+    arg = arg.strip()
+    if kind == "opencv":  # a number, or anything OpenCV opens by name (a device path, a file)
+        return kind, int(arg) if arg.isdigit() else (arg or 0)
+    if arg and not arg.isdigit():
         raise ConfigError(f"camera {spec!r}: picamera2 takes a camera number (picamera2:1) or nothing")
-    return PiCamera2Camera(size=size, camera_num=int(arg) if arg else 0)
+    return kind, int(arg) if arg else 0
+
+
+def open_camera(spec: str, size: tuple[int, int] | None = None, jitter: bool = True) -> Camera:
+    """Open the camera a config string names (see parse_camera_spec); ``size`` is the model input (width, height).
+
+    ``jitter`` is the fake camera's (see :class:`FakeCamera`); real cameras have their own.
+    """
+    kind, arg = parse_camera_spec(spec)
+    if kind == "fake":
+        return FakeCamera(arg, size=size, jitter=jitter)
+    if kind == "opencv":
+        return OpenCVCamera(arg, size=size)
+    return PiCamera2Camera(size=size, camera_num=arg)

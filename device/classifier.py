@@ -29,6 +29,18 @@ class Result:
     ood_score: float | None
     latency_ms: float
     frames: int = 1
+    labels: tuple[str, ...] = ()  # the bundle's labels, in the order of `probs`
+
+    def ranked(self, k: int | None = None) -> list[tuple[str, float]]:
+        """(label, probability) pairs, most likely first; the top ``k`` if given."""
+        order = np.argsort(-np.asarray(self.probs), kind="stable")[:k]
+        return [(self.labels[i], float(self.probs[i])) for i in order]
+
+    @property
+    def runner_up(self) -> tuple[str, float] | None:
+        """The second most likely label and its probability (None with a single label)."""
+        top2 = self.ranked(2)
+        return top2[1] if len(top2) == 2 else None
 
     @property
     def label(self) -> str | None:
@@ -49,7 +61,11 @@ class Classifier:
     def __init__(self, bundle: Bundle, engine: Engine | None = None, backend: str = "auto", threads: int | None = None):
         self.bundle = bundle
         self.engine = engine or load_engine(bundle, backend, threads)
-        self.ood = load_ood(bundle.ood_path) if bundle.ood_path else None
+        self.ood = None
+        if bundle.ood_file:
+            # The verified bytes; the score must be the kind the card's threshold was calibrated (and floored) for.
+            self.ood = load_ood(bundle.file_bytes(bundle.ood_file), name=bundle.ood_path,
+                                method=bundle.card["ood"].get("method", "mahalanobis"))
         if self.ood is not None and bundle.embedding is not None and self.ood.embedding_size != bundle.embedding.size:
             raise BundleError(
                 f"{bundle.ood_path}: made for {self.ood.embedding_size}-value embeddings but the model's have "
@@ -78,4 +94,4 @@ class Classifier:
         ood = None if any(o is None for o in oods) else max(oods)
         b = self.bundle
         decision = decide(mean, b.labels, b.classes, b.thresholds, ood)
-        return Result(decision, mean, ood, (time.perf_counter() - t0) * 1000.0, len(images))
+        return Result(decision, mean, ood, (time.perf_counter() - t0) * 1000.0, len(images), tuple(b.labels))

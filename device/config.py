@@ -50,6 +50,7 @@ class Config:
 
     model_dir: str = ""  # empty: /var/lib/mushcam/models/current if present, else the shipped model
     camera: str = "picamera2"
+    camera_jitter: bool = True  # fake camera only: the frames of one press differ slightly, as a real camera's do
     engine: str = "auto"
     threads: int = 0  # 0: one interpreter thread per core (device.engine.default_threads)
     frames_per_press: int = 3
@@ -123,6 +124,73 @@ def _build(cls, data: dict, prefix: str, source: str):
     return cls(**values)
 
 
+# Folders the captures must never be (pruning deletes inside it), nor be inside of (the system's own files).
+_SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/media", "/mnt", "/opt",
+                "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/lib", "/var/log",
+                "/var/tmp", "/var/lib/mushcam")
+_SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+MODEL_STORE = DEVICE_MODEL_DIR.parent  # /var/lib/mushcam/models: releases/ and the `current` link
+
+
+def _inside(path: str, tree: str) -> bool:
+    return path == tree or path.startswith(tree.rstrip("/") + "/")
+
+
+def _real(path: str) -> str:
+    """The path with symlinks resolved as far as they exist (a link to / is /)."""
+    return os.path.realpath(path)
+
+
+def _state_dirs() -> tuple[str, ...]:
+    """Where a status file may live: runtime and state folders (and the temp folder, for tests and laptops)."""
+    import tempfile
+
+    dirs = ["/run", "/var/run", "/var/lib", "/var/tmp", "/tmp", tempfile.gettempdir()]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        dirs.append(os.environ["XDG_RUNTIME_DIR"])
+    return tuple(_real(d) for d in dirs)
+
+
+def _check_paths(cfg: Config, source: str) -> None:
+    """Paths a config can abuse: each must be absolute, and the daemon's writes must stay in their place."""
+    for key, value in (("model_dir", cfg.model_dir), ("allowed_signers", cfg.allowed_signers),
+                       ("status_file", cfg.status_file), ("captures.dir", cfg.captures.dir)):
+        if value and not os.path.isabs(value):
+            raise ConfigError(f"{source}: `{key}` = {value!r} must be an absolute path (the service runs in /)")
+    if cfg.require_signature and not cfg.allowed_signers:
+        raise ConfigError(f"{source}: `require_signature = true` needs `allowed_signers` (the trusted keys' file)")
+    cap = _real(cfg.captures.dir)
+    if cap in _SYSTEM_DIRS or any(_inside(cap, t) for t in _SYSTEM_TREES):
+        raise ConfigError(f"{source}: `captures.dir` = {cfg.captures.dir!r} is a system folder; use e.g. /var/lib/mushcam/captures")
+    models = [_real(str(MODEL_STORE))] + ([_real(cfg.model_dir)] if cfg.model_dir else [])
+    if any(_inside(cap, m) or _inside(m, cap) for m in models):
+        raise ConfigError(f"{source}: `captures.dir` = {cfg.captures.dir!r} overlaps the model store; keep captures apart")
+    if cfg.status_file:
+        status = _real(cfg.status_file)
+        if not any(_inside(status, d) and status != d for d in _state_dirs()):
+            raise ConfigError(
+                f"{source}: `status_file` = {cfg.status_file!r} is outside a runtime or state folder "
+                "(/run, /var/lib, /tmp...); the daemon overwrites it"
+            )
+        if any(_inside(status, m) for m in models):
+            raise ConfigError(f"{source}: `status_file` = {cfg.status_file!r} is inside the model store; the daemon overwrites it")
+
+
+def machine_problems(cfg: Config) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about this machine rather than the file: what `check-config` adds to parsing.
+
+    Error: `require_signature` with no allowed-signers file here (the daemon would refuse every bundle).
+    Warning: `model_dir` does not exist (yet: deploy/flash.sh creates releases and the `current` link).
+    """
+    errors, warnings = [], []
+    if cfg.require_signature and cfg.allowed_signers and not os.path.isfile(cfg.allowed_signers):
+        errors.append(f"`allowed_signers` {cfg.allowed_signers} does not exist, and `require_signature = true` "
+                      "makes the daemon refuse every bundle without it; create it with the trusted public keys")
+    if cfg.model_dir and not os.path.isdir(cfg.model_dir):
+        warnings.append(f"`model_dir` {cfg.model_dir} does not exist yet; the daemon will not start until a bundle is there")
+    return errors, warnings
+
+
 def parse_config(text: str, source: str = "<config>") -> Config:
     """Parse TOML text into a validated Config."""
     try:
@@ -135,6 +203,13 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: `gpio` pins must all differ, got {pins}")
     if not cfg.camera:
         raise ConfigError(f"{source}: `camera` is empty")
+    from device.camera import parse_camera_spec
+
+    try:
+        parse_camera_spec(cfg.camera)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: `camera`: {e}") from None
+    _check_paths(cfg, source)
     return cfg
 
 

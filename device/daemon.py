@@ -1,9 +1,9 @@
 """The camera daemon: button press -> N frames -> verdict on LEDs and display. `main()` returns an exit code.
 
-One thread does the work: the button's callback and the signal handlers only set flags and wake it, so
-presses that arrive while it is busy are coalesced into one (a bounded queue of one), SIGTERM is handled
-between steps, and the watchdog is pinged only while the loop really runs (a hung capture stops the
-pings, and systemd restarts the service).
+One thread does the work: the button's callback, `mushcam press` (a Unix socket), SIGUSR1, Enter in laptop
+mode and the other signal handlers only set flags and wake it, so presses that arrive while it is busy are
+coalesced into one (a bounded queue of one), SIGTERM is handled between steps, and the watchdog is pinged
+only while the loop really runs (a hung capture stops the pings, and systemd restarts the service).
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 from device.bundle import Bundle, load_bundle, write_json_atomic
 from device.classifier import Classifier, Result
-from device.config import Config, load_config, with_overrides
+from device.config import CapturesConfig, Config, load_config, with_overrides
 from device.errors import BundleError, CameraError, ConfigError, MushcamError
 from device.sdnotify import Notifier
 
@@ -30,6 +32,26 @@ EXIT_OK, EXIT_ERROR, EXIT_CAMERA = 0, 1, 3
 # Camera re-open back-off: quick at first (a loose cable), then every few seconds, never blocking the loop.
 CAMERA_BACKOFF_START, CAMERA_BACKOFF_MAX = 0.25, 4.0
 CHILD_SELFTEST_TIMEOUT_S = 120
+LAPTOP_CAPTURES_DIR = "captures"  # laptop mode keeps every press here (under the working directory)
+# When the verdict screen names what else it may be: any poisonous look-alike from 1 % (the EDIBLE rule
+# allows at most poisonous_max_mass, 2 % in the shipped card, so every such figure is worth seeing);
+# a runner-up from 5 % (below that it is noise next to a top guess).
+LOOK_ALIKE_MIN, RUNNER_UP_MIN = 0.01, 0.05
+
+
+def _role(info) -> str:
+    """A class's role; cards without one derive it from edibility (anything not edible counts as poisonous,
+    as in device.verdict)."""
+    role = getattr(info, "role", None)
+    if role:
+        return role
+    return "edible" if info.edibility == "edible" else "poisonous"
+
+# The status file is read by deploy/flash.sh as a deploy user outside mushcam's group: world-readable
+# whatever the umask (the unit's UMask=0027 made it 0640, and every such flash waited out its timeout).
+# It holds the model's name, version and hash, the pid and counters: nothing secret.
+STATUS_FILE_MODE = 0o644
+STATUS_DIR_MODE = 0o755
 
 
 def is_raspberry_pi() -> bool:
@@ -43,9 +65,13 @@ def is_raspberry_pi() -> bool:
 class Daemon:
     """Owns the model, camera, LEDs, button, display and notifier for one run."""
 
-    def __init__(self, cfg: Config, *, once: bool = False, display_dir: Path | None = None, notifier: Notifier | None = None):
+    def __init__(self, cfg: Config, *, once: bool = False, display_dir: Path | None = None, notifier: Notifier | None = None,
+                 enter_presses: bool = False):
         self.cfg = cfg
         self.once = once
+        # Enter on stdin presses (laptop mode, stdin a terminal): `mushcam run` turns it on; a Daemon built
+        # inside another program (a test under `pytest -s`) must not read that program's terminal.
+        self.enter_presses = enter_presses
         self.display_dir = display_dir
         self.notifier = notifier or Notifier()
         self.on_pi = is_raspberry_pi()
@@ -57,11 +83,16 @@ class Daemon:
         self._press = threading.Event()
         self._stop = threading.Event()
         self._reload = threading.Event()
+        # `mushcam press --wait` clients waiting for the next press's verdict; taken as the press starts.
+        self._waiters: list = []
+        self._waiters_lock = threading.Lock()
+        self.press_server = None
         self.last_reload_error: str | None = None
         self._camera_down_since: float | None = None
         self._camera_next_try = 0.0
         self._camera_backoff = CAMERA_BACKOFF_START
         self.presses_answered = 0
+        self.last_capture: Path | None = None
 
     # --- set-up -------------------------------------------------------------------------------
     def model_path(self) -> Path:
@@ -95,9 +126,55 @@ class Daemon:
             os.environ["GPIOZERO_PIN_FACTORY"] = g.pin_factory
         self.signals = GpioSignals({"green": g.green, "red": g.red, "amber": g.amber}, pin_factory=factory)
         self.button = Button(g.button, bounce_time=g.bounce_ms / 1000, when_pressed=self.request_press, pin_factory=factory)
+        self.camera = open_camera(self.cfg.camera, size=self._camera_size(), jitter=self.cfg.camera_jitter)
+        # The display last: a start that fails earlier leaves no display folder behind in laptop mode.
         self.display = self._open_display(open_display)
-        self.camera = open_camera(self.cfg.camera, size=self._camera_size())
+        if self.cfg.captures.enabled:
+            from device.captures import sweep_temporaries
+
+            # Before the first press: nothing of ours is being written, so every .tmp-* is a crash's leftover.
+            sweep_temporaries(Path(self.cfg.captures.dir))
+        self.show_ready()
         self._write_status("running")
+        if not self.once:
+            self._open_press_ways()
+
+    def _open_press_ways(self) -> None:
+        """The ways to press besides the button; the log says which work here."""
+        from device.press import PressError, PressServer, watch_enter
+
+        ways = [f"the button on GPIO{self.cfg.gpio.button}"]
+        if self.enter_presses and self.mock_factory is not None and watch_enter(self.request_press):
+            ways.insert(0, "Enter here")
+        if self.cfg.status_file:
+            from device.press import socket_path
+
+            server = PressServer(socket_path(self.cfg.status_file), self._press_from_socket)
+            try:
+                server.start()
+            except PressError as e:
+                log.warning("%s; `mushcam press` will not reach this daemon", e)
+            else:
+                self.press_server = server
+                ways.append(f"`mushcam press` (socket {server.path})")
+        ways.append(f"`kill -USR1 {os.getpid()}`")
+        log.info("to press: %s", ", ".join(ways))
+
+    def _press_from_socket(self, reply) -> None:
+        if reply is not None:
+            with self._waiters_lock:
+                self._waiters.append(reply)
+        self.request_press()
+
+    def _take_waiters(self) -> list:
+        with self._waiters_lock:
+            waiters, self._waiters = self._waiters, []
+        return waiters
+
+    @staticmethod
+    def _tell(waiters: list, ok: bool, text: str) -> None:
+        for reply in waiters:
+            reply(ok, text)
 
     def _camera_size(self) -> tuple[int, int]:
         h, w = self.bundle.input.size
@@ -119,8 +196,9 @@ class Daemon:
         return open_display(kind)
 
     # --- events (any thread) -----------------------------------------------------------------
-    def request_press(self) -> None:
-        """Button callback: flag one pending press; presses during work coalesce into it."""
+    def request_press(self, *_) -> None:
+        """Button callback (and SIGUSR1, Enter, `mushcam press`): flag one pending press; presses during work
+        coalesce into it."""
         self._press.set()
         self._wake.set()
 
@@ -134,20 +212,40 @@ class Daemon:
 
     # --- work (main thread) ------------------------------------------------------------------
     def capture(self, n: int) -> list:
-        return [self.camera.capture() for _ in range(n)]
+        """The ``n`` frames of one press (one scene: the fake camera takes them all from one photo)."""
+        return self.camera.capture_press(n)
 
     def answer(self, frames: list) -> Result:
         """Classify one press's frames and signal the verdict."""
-        from device.display import Screen
-
         result = self.classifier.classify_frames(frames)
-        name = self.bundle.display_name(result.label) if result.label else ""
         self.signals.show(result.verdict)
-        self._show(Screen(title=name, verdict=result.verdict, confidence=result.confidence, detail=result.decision.reason))
+        self._show(self.verdict_screen(result))
         log.info("verdict %s: %s %.1f%% (%s), %.0f ms", result.verdict, result.label, 100 * result.confidence,
                  result.decision.reason, result.latency_ms)
         self.presses_answered += 1
         return result
+
+    def verdict_screen(self, r: Result):
+        """The verdict, the species, the reason in display words, and, when it matters, what else it may be:
+        for an edible-looking top guess the closest poisonous look-alike, otherwise the runner-up."""
+        from device.display import Screen, name_with_percent, short_reason
+
+        b = self.bundle
+        note = ""
+        alike = self._closest_poisonous(r)
+        if alike is not None and alike[1] >= LOOK_ALIKE_MIN:
+            note = name_with_percent(("looks like: ", "like: "), b.display_name(alike[0]), alike[1])
+        elif alike is None and r.runner_up is not None and r.runner_up[1] >= RUNNER_UP_MIN:
+            note = name_with_percent(("2nd: ",), b.display_name(r.runner_up[0]), r.runner_up[1])
+        return Screen(title=b.display_name(r.label) if r.label else "", verdict=r.verdict, confidence=r.confidence,
+                      detail=short_reason(r.decision.reason), note=note, press=self.presses_answered + 1, kind="verdict")
+
+    def _closest_poisonous(self, r: Result) -> tuple[str, float] | None:
+        """The most likely poisonous label when the top guess is edible (the look-alike that matters), else None."""
+        if not r.label or _role(self.bundle.classes[r.label]) != "edible":
+            return None
+        poisonous = [(lab, p) for lab, p in r.ranked() if _role(self.bundle.classes[lab]) == "poisonous"]
+        return poisonous[0] if poisonous else None
 
     def _show(self, screen) -> None:
         """The LEDs already carry the verdict: a display fault (a full disk in laptop mode) must not stop it."""
@@ -161,24 +259,62 @@ class Daemon:
         from device.display import Screen
 
         self.signals.busy()
+        press = self.presses_answered + 1
+        self._show(Screen(title="Hold still", verdict="LOOKING", detail=f"{self.cfg.frames_per_press} photos",
+                          press=press, kind="busy"))
         try:
             frames = self.capture(self.cfg.frames_per_press)
         except CameraError as e:
             log.error("%s", e)
-            self.signals.error()
-            self._show(Screen(title="Camera error", verdict="UNSURE", confidence=None, detail=str(e)[:40]))
+            self.show_error("camera error", "see the log / cable", press)
             raise
+        sources = list(getattr(self.camera, "press_sources", []) or [])
         result = self.answer(frames)
+        self.last_capture = None
         if self.cfg.captures.enabled:
             from device.captures import save_press
 
-            save_press(Path(self.cfg.captures.dir), frames, self._result_record(result), self.cfg.captures.max_mb)
+            self.last_capture = save_press(Path(self.cfg.captures.dir), frames, self.result_record(result, sources),
+                                           self.cfg.captures.max_mb)
         return result
 
-    def _result_record(self, r: Result) -> dict:
-        return {**r.decision.to_dict(), "probs": dict(zip(self.bundle.labels, map(float, r.probs))),
-                "model": self.bundle.name, "model_version": self.bundle.version, "latency_ms": r.latency_ms,
-                "time": datetime.now(timezone.utc).isoformat()}
+    def show_ready(self) -> None:
+        """The model being served, and that a press is welcome (at start, after a reload, camera back)."""
+        from device.display import Screen
+
+        self._show(Screen(title=self.bundle.name, verdict="READY", detail=f"v{self.bundle.version}",
+                          note="press to identify", kind="ready"))
+
+    def show_error(self, title: str, detail: str, press: int | None = None) -> None:
+        """The error pattern and screen: no verdict, and a screen that cannot be mistaken for one."""
+        from device.display import Screen
+
+        self.signals.error()
+        self._show(Screen(title=title, verdict="ERROR", detail=detail, note="no verdict", press=press, kind="error"))
+
+    def result_record(self, r: Result, sources: list[str] | None = None) -> dict:
+        """What a saved press's result.json holds (the review page and import-captures read it)."""
+        b = self.bundle
+
+        def named(pair):
+            return None if pair is None else {"label": pair[0], "display_name": b.display_name(pair[0]),
+                                              "probability": pair[1]}
+
+        return {**r.decision.to_dict(), "probs": dict(zip(b.labels, map(float, r.probs))),
+                "top": [named(pair) for pair in r.ranked(3)], "runner_up": named(r.runner_up),
+                "look_alike": named(self._closest_poisonous(r)), "thresholds": asdict(b.thresholds),
+                "display_name": b.display_name(r.label) if r.label else None,
+                "model": b.name, "model_version": b.version, "model_sha256": b.model_sha256,
+                "latency_ms": r.latency_ms, "time": datetime.now(timezone.utc).isoformat(),
+                "press": self.presses_answered, "camera": self.cfg.camera, "frame_sources": list(sources or [])}
+
+    def verdict_line(self, r: Result) -> str:
+        """One line per press, as `run --once` prints and `mushcam press --wait` answers."""
+        name = self.bundle.display_name(r.label) if r.label else "-"
+        line = f"{r.verdict:<9} {r.confidence:6.1%}  {name}  ({r.decision.reason})"
+        if self.last_capture:
+            line += f"  saved {self.last_capture}"
+        return line
 
     def validate_in_child(self, path: Path, command: list[str] | None = None) -> None:
         """Self-test a bundle in a child process first: a damaged model can crash the TFLite runtime itself,
@@ -216,6 +352,7 @@ class Daemon:
         self.bundle, self.classifier = bundle, clf
         self.last_reload_error = None
         log.info("reloaded: now serving %s %s from %s", bundle.name, bundle.version, bundle.path)
+        self.show_ready()
         self._write_status("running")
         self.notifier.ready()
         return True
@@ -233,8 +370,10 @@ class Daemon:
         }
         try:
             path = Path(self.cfg.status_file)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, status)
+            if not path.parent.is_dir():
+                path.parent.mkdir(parents=True)
+                path.parent.chmod(STATUS_DIR_MODE)  # the unit's UMask=0027 would make it 0750
+            write_json_atomic(path, status, mode=STATUS_FILE_MODE)
         except OSError as e:
             log.warning("cannot write status file %s: %s", self.cfg.status_file, e)
 
@@ -281,19 +420,27 @@ class Daemon:
                 return EXIT_CAMERA
             if self._press.is_set():
                 self._press.clear()
+                waiters = self._take_waiters()  # this press answers every client that asked before it began
                 if self._camera_down_since is not None:
-                    self.signals.error()  # the press is answered: the camera is still away
+                    self.show_error("no camera", "reconnecting...")  # the press is answered: the camera is still away
+                    self._tell(waiters, False, "the camera is unavailable; see the daemon's log")
                     continue
                 try:
-                    self.handle_press()
-                except CameraError:
+                    result = self.handle_press()
+                except CameraError as e:
                     self._camera_down_since = time.monotonic()
                     self._camera_backoff = CAMERA_BACKOFF_START
                     self._camera_next_try = time.monotonic()
+                    self._tell(waiters, False, f"camera: {e}")
                 except MushcamError as e:
                     # Anything else that fails in one press (e.g. the runtime) costs that press, not the service.
                     log.error("press failed: %s", e)
-                    self.signals.error()
+                    self.show_error("press failed", "see the log")
+                    self._tell(waiters, False, f"press failed: {e}")
+                else:
+                    self._write_status("running")  # presses_answered: a press that reached its verdict
+                    self._tell(waiters, True, self.verdict_line(result))
+        self._tell(self._take_waiters(), False, "the daemon stopped before answering")
         return EXIT_OK
 
     def _retry_camera(self) -> bool:
@@ -305,7 +452,7 @@ class Daemon:
             return True
         try:
             self.camera.close()
-            self.camera = open_camera(self.cfg.camera, size=self._camera_size())
+            self.camera = open_camera(self.cfg.camera, size=self._camera_size(), jitter=self.cfg.camera_jitter)
         except CameraError as e:
             if now - self._camera_down_since > self.cfg.camera_retry_s:
                 return False
@@ -316,11 +463,16 @@ class Daemon:
         log.info("camera is back after %.1f s", now - self._camera_down_since)
         self._camera_down_since = None
         self.signals.off()
+        self.show_ready()
         return True
 
     def close(self) -> None:
         """Safe to call twice and after a failed start: LEDs off, camera closed, status 'stopped'."""
         self.notifier.stopping()
+        if self.press_server is not None:
+            self.press_server.close()
+            self.press_server = None
+        self._tell(self._take_waiters(), False, "the daemon stopped before answering")  # asked as it stopped
         for part in (self.signals, self.button, self.display, self.camera):
             if part is not None:
                 try:
@@ -331,28 +483,73 @@ class Daemon:
             self._write_status("stopped")
 
 
+def laptop_runtime_dir() -> Path:
+    """Where a laptop daemon that may not write /run/mushcam keeps its status file and press socket."""
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"mushcam-{os.getuid()}"
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def laptop_defaults(cfg: Config, captures: bool | None, captures_dir: Path | None) -> Config:
+    """Off a Pi: keep each press in ./captures (unless the config sets [captures] or --no-captures), and
+    put the status file and press socket in a per-user runtime directory when /run/mushcam is not ours."""
+    if captures_dir is not None:
+        cfg = with_overrides(cfg, captures=CapturesConfig(enabled=True, dir=str(captures_dir), max_mb=cfg.captures.max_mb))
+    elif captures is False:
+        cfg = with_overrides(cfg, captures=CapturesConfig(enabled=False))
+    elif not is_raspberry_pi() and cfg.captures == CapturesConfig():
+        cfg = with_overrides(cfg, captures=CapturesConfig(enabled=True, dir=LAPTOP_CAPTURES_DIR))
+    if (not is_raspberry_pi() and cfg.status_file == Config().status_file
+            and not _writable_dir(Path(cfg.status_file).parent)):
+        runtime = laptop_runtime_dir()
+        runtime.mkdir(mode=0o700, exist_ok=True)  # per user: nobody else may press or rewrite the status
+        cfg = with_overrides(cfg, status_file=str(runtime / "status.json"))
+    return cfg
+
+
 def main(config: Path | None = None, camera: str | None = None, model: Path | None = None, once: bool = False,
-         display_dir: Path | None = None) -> int:
-    """Run the daemon; return the process exit code (0 clean stop, 1 error, 3 camera gone)."""
+         display_dir: Path | None = None, captures: bool | None = None, captures_dir: Path | None = None) -> int:
+    """Run the daemon; return the process exit code (0 clean stop, 1 error, 3 camera gone).
+
+    ``captures``/``captures_dir``: None keeps the config's [captures] (on a laptop: ./captures); False
+    keeps none; a directory keeps them there.
+    """
     try:
         cfg = with_overrides(load_config(config), camera=camera, model_dir=str(model) if model else None)
     except ConfigError as e:
         print(f"mushcam: error: {e}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # What `check-config` says about this machine (a missing model_dir or allowed_signers) is not logged
+    # here: the start then fails on it with its own one line, and two lines for one fault read as two faults.
     if once:
-        cfg = with_overrides(cfg, status_file="")  # a one-shot demo is not the service: leave its status alone
-    d = Daemon(cfg, once=once, display_dir=display_dir)
-    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+        # A one-shot demo is not the service: leave its status alone, and keep no captures.
+        cfg = with_overrides(cfg, status_file="", captures=CapturesConfig(enabled=False))
+    else:
+        cfg = laptop_defaults(cfg, captures, captures_dir)
+        if cfg.captures.enabled:
+            log.info("keeping each press in %s (see them: mushcam review %s --out review.html)", cfg.captures.dir,
+                     cfg.captures.dir)
+    d = Daemon(cfg, once=once, display_dir=display_dir, enter_presses=True)
+    handled = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGUSR1)
+    old = {s: signal.getsignal(s) for s in handled}
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, d.request_stop)
         signal.signal(signal.SIGINT, d.request_stop)
         signal.signal(signal.SIGHUP, d.request_reload)
+        # SIGUSR1 presses (its default action would kill the daemon and leave the status at "running").
+        signal.signal(signal.SIGUSR1, d.request_press)
     try:
         d.start()
         return d.run_once() if once else d.loop()
     except MushcamError as e:
-        log.error("%s", e)
+        # One line: the logging handler writes to the same stderr, so logging it too would print it twice.
         print(f"mushcam: error: {e}", file=sys.stderr, flush=True)
         if d.signals is not None:
             d.signals.error()

@@ -32,12 +32,63 @@ ELLIPSIS = "..."
 @dataclass(frozen=True)
 class Screen:
     """One screenful: ``verdict`` big (e.g. "POISONOUS"), ``title`` (species display name),
-    ``confidence`` in [0, 1] or None to leave it out, and an optional ``detail`` line."""
+    ``confidence`` in [0, 1] or None to leave it out, and optional ``detail`` and ``note`` lines.
+
+    ``press`` (the daemon's press number) and ``kind`` only name the PNG a laptop saves.
+    """
 
     title: str
     verdict: str
     confidence: float | None = None
     detail: str = ""
+    note: str = ""
+    press: int | None = None
+    kind: str = ""
+
+
+# The reasons device.verdict gives, as they fit one 128 px line at 10 px (the full wording is in the
+# log and in --json). A reason not listed is shown as it is when it fits, cut with "..." otherwise;
+# tests/test_display.py checks that every reason verdict.py can give fits.
+SHORT_REASONS = {
+    "edible species, confident": "edible, confident",
+    "poisonous species": "poisonous species",
+    "no species is clearly ahead": "no clear leader",
+    "not confident enough to call it edible": "too unsure for edible",
+    "a poisonous look-alike is too likely": "toxic look-alike likely",
+    "unlike the species the model was trained on": "unlike its training photos",
+    "no unknown-species score": "no familiarity score",
+    "probabilities are not a distribution": "model output is invalid",
+    "malformed probabilities": "model output is invalid",
+}
+# Reasons with a figure or a name in them (f-strings in verdict.py), by pattern.
+SHORT_REASON_PATTERNS = (
+    (re.compile(r"\d+ probabilities for \d+ labels"), "model/labels mismatch"),
+    (re.compile(r"no edibility for label .*"), "card lacks an edibility"),
+)
+
+
+def short_reason(reason: str, width: int = 128, size: int = 10) -> str:
+    """``reason`` worded to fit one display line of ``width`` px (see :data:`SHORT_REASONS`)."""
+    text = SHORT_REASONS.get(reason)
+    if text is None:
+        text = next((short for pattern, short in SHORT_REASON_PATTERNS if pattern.fullmatch(reason)), reason)
+    return _truncate(text, _font(size), width)
+
+
+def percent(p: float) -> str:
+    """A probability as the display writes it: rounded down, never "100%"."""
+    return _confidence_text(p)
+
+
+def name_with_percent(prefixes: tuple[str, ...], name: str, p: float, width: int = 128, size: int = 9) -> str:
+    """ "looks like: grisette 44%": the first of ``prefixes`` with which the whole line fits ``width``
+    at ``size`` px (9: the size of a verdict screen's third row); else the name is cut, never the figure."""
+    font, tail = _font(size), f" {percent(p)}"
+    for prefix in prefixes:
+        if _width(prefix + name + tail, font) <= width:
+            return prefix + name + tail
+    prefix = prefixes[-1]
+    return prefix + _truncate(name, font, width - _width(prefix + tail, font)).rstrip() + tail
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,9 +172,10 @@ def render(screen: Screen, size: tuple[int, int] = (128, 64)) -> Image.Image:
     """Draw ``screen`` as a mode "1" image of ``size`` (width, height).
 
     Layout top to bottom: the verdict in big bold letters with the confidence right-aligned beside
-    it, the title, the detail, and at the bottom under a rule, always, the safety line. The verdict
-    shrinks to fit, then like the title and detail is cut with "..."; rows that do not fit the height
-    are left out (detail first), never the safety line.
+    it, the title, the detail, the note, and at the bottom under a rule, always, the safety line. The
+    verdict shrinks to fit, then like the other rows is cut with "..."; with all three rows the detail
+    and note are drawn at 9 px; rows that do not fit the height are left out (note first, then
+    detail), never the safety line.
     """
     width, height = size
     tall = height >= 48
@@ -148,15 +200,24 @@ def render(screen: Screen, size: tuple[int, int] = (128, 64)) -> Image.Image:
         _draw(draw, (x, verdict_height - _height(confidence, conf_font)), confidence, conf_font)
 
     y = verdict_height + 4
-    for text, font in ((screen.title, _font(11)), (screen.detail, _font(10))):
+    rows = [(screen.title, 11), (screen.detail, 10), (screen.note, 10)]
+    rows = [(text, size) for text, size in rows if text]
+    gap = 3
+    if _rows_height(rows, gap) > bottom - y:
+        # Three rows do not fit at 10-11 px on a 64 px screen; at 9 px with 2 px gaps they do.
+        rows, gap = [(text, min(size, 9)) if i else (text, size) for i, (text, size) in enumerate(rows)], 2
+    for text, size in rows:
+        font = _font(size)
         row_height = _height("Ag", font)
-        if not text:
-            continue
         if y + row_height > bottom:
             break
         _draw(draw, (0, y), _truncate(text, font, width), font)
-        y += row_height + 3
+        y += row_height + gap
     return image
+
+
+def _rows_height(rows, gap: int) -> int:
+    return sum(_height("Ag", _font(size)) + gap for _, size in rows) - gap if rows else 0
 
 
 class Display(ABC):
@@ -223,15 +284,20 @@ class Ssd1306Display(Display):
             self._device = None
 
 
+FRAME_NAME = re.compile(r"frame-(\d+)(-[a-z0-9-]+)?\.png")
+
+
 class PngDisplay(Display):
-    """Saves every screen as a numbered PNG in ``folder`` (frame-000001.png, ...), for a laptop.
+    """Saves every screen as a numbered PNG in ``folder``, for a laptop, named by press and screen:
+    ``frame-000001-ready.png``, ``frame-000002-press0001-busy.png``, ``frame-000003-press0001-edible.png``.
 
     Rendering goes through luma's ``dummy`` device, as the OLED's would. Numbering continues after
-    the frames already there, so a rerun never overwrites a previous run's pictures. ``last_path`` is
-    the most recent file.
+    the frames already there, so a rerun never overwrites a previous run's pictures; only the newest
+    ``keep`` frames are kept (oldest deleted), so a long laptop session cannot fill the disk.
+    ``last_path`` is the most recent file.
     """
 
-    def __init__(self, folder: str | os.PathLike, size: tuple[int, int] = (128, 64)):
+    def __init__(self, folder: str | os.PathLike, size: tuple[int, int] = (128, 64), keep: int = 200):
         from luma.core.device import dummy
 
         self.folder = Path(folder)
@@ -241,8 +307,8 @@ class PngDisplay(Display):
             raise HardwareError(f"cannot create the display folder {self.folder}: {e}") from e
         self.size = size
         self._device = dummy(width=size[0], height=size[1], mode="1")
-        numbers = [int(m.group(1)) for p in self.folder.glob("frame-*.png") if (m := re.fullmatch(r"frame-(\d+)\.png", p.name))]
-        self._count = max(numbers, default=0)
+        self.keep = max(1, keep)
+        self._count = max((n for n, _ in self._frames()), default=0)
         self.last_path: Path | None = None
 
     @property
@@ -250,10 +316,21 @@ class PngDisplay(Display):
         """What the display shows now."""
         return self._device.image
 
+    def _frames(self) -> list[tuple[int, Path]]:
+        """(number, path) of the frames in the folder, oldest first."""
+        found = ((FRAME_NAME.fullmatch(p.name), p) for p in self.folder.glob("frame-*.png"))
+        return sorted((int(m.group(1)), p) for m, p in found if m)
+
+    def _name(self, screen: Screen) -> str:
+        kind = screen.verdict.lower() if screen.kind in ("", "verdict") else screen.kind
+        kind = re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-") or "screen"
+        press = f"-press{screen.press:04d}" if screen.press is not None else ""
+        return f"frame-{self._count:06d}{press}-{kind}.png"
+
     def show(self, screen: Screen) -> None:
         self._device.display(render(screen, self.size))
         self._count += 1
-        path = self.folder / f"frame-{self._count:06d}.png"
+        path = self.folder / self._name(screen)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
             self._device.image.save(tmp, format="PNG")
@@ -263,6 +340,8 @@ class PngDisplay(Display):
             raise HardwareError(f"cannot save the display frame {path}: {e}") from e
         self.last_path = path
         log.info("display: %s %s %s -> %s", screen.verdict, screen.title, _confidence_text(screen.confidence), path)
+        for _, old in self._frames()[: -self.keep]:
+            old.unlink(missing_ok=True)
 
     def close(self) -> None:
         pass

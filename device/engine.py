@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.bundle import Bundle, OutputSpec
+from device.bundle import EDGETPU_MODEL, MODEL, Bundle, OutputSpec
 from device.errors import BundleError, ConfigError, InferenceError
 
 log = logging.getLogger("mushcam.engine")
@@ -84,11 +84,14 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def make_interpreter(model_path: Path, threads: int | None = None, delegates: list | None = None):
+def make_interpreter(model_path: Path, threads: int | None = None, delegates: list | None = None,
+                     content: bytes | None = None):
     """Build and allocate an interpreter; a corrupt model becomes a BundleError naming the file.
 
-    `threads` None or 0 means one per available core (`default_threads()`, as config.toml documents
-    `threads = 0`); a positive number pins it.
+    With `content` (the bundle's verified bytes) the interpreter is built from those bytes and
+    `model_path` only names the model in messages: the file is not opened again after its sha256 was
+    checked. `threads` None or 0 means one per available core (`default_threads()`, as config.toml
+    documents `threads = 0`); a positive number pins it.
     """
     if threads is not None and threads < 0:
         raise ConfigError(f"threads must be >= 0 (0: one per core), got {threads}")
@@ -97,7 +100,8 @@ def make_interpreter(model_path: Path, threads: int | None = None, delegates: li
     log.debug("interpreter: %d thread(s)%s", n, "" if threads else " (one per core)")
     try:
         with _runtime_chatter_to_log():
-            interp = rt.Interpreter(model_path=str(model_path), num_threads=n, experimental_delegates=delegates)
+            source = {"model_content": content} if content is not None else {"model_path": str(model_path)}
+            interp = rt.Interpreter(**source, num_threads=n, experimental_delegates=delegates)
             interp.allocate_tensors()
     except (ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -195,7 +199,7 @@ class CpuEngine(Engine):
     name = "cpu"
 
     def _build(self):
-        return make_interpreter(self.bundle.model_path, self.threads)
+        return make_interpreter(self.bundle.model_path, self.threads, content=self.bundle.file_bytes(MODEL))
 
 
 class EdgeTpuEngine(Engine):
@@ -209,7 +213,9 @@ class EdgeTpuEngine(Engine):
                 f"{self.bundle.path}: no model_edgetpu.tflite in the bundle; run `mushcam-train edgetpu` or use engine cpu"
             )
         delegate = load_edgetpu_delegate()
-        return make_interpreter(self.bundle.edgetpu_path, self.threads, [delegate])
+        # The delegate is applied to an interpreter built from bytes just as to one built from a path.
+        return make_interpreter(self.bundle.edgetpu_path, self.threads, [delegate],
+                                content=self.bundle.file_bytes(EDGETPU_MODEL))
 
 
 def load_edgetpu_delegate():

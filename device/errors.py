@@ -37,6 +37,14 @@ class HardwareError(MushcamError, OSError):
     """A GPIO or display device could not be set up."""
 
 
+class ReleaseError(MushcamError, RuntimeError):
+    """The device's release store refused an operation (install, switch, rollback, health check)."""
+
+
+class LockError(ReleaseError):
+    """Another release operation (a flash, say) holds the model root's lock."""
+
+
 class DataError(MushcamError, ValueError):
     """A training data set is unusable (train/ only)."""
 

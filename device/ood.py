@@ -14,14 +14,25 @@ Numpy only: the trainer fits it (fit_knn / fit_ood), the device scores with it (
 
 from __future__ import annotations
 
+import io
+import math
+import os
 import zipfile
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 
 from device.errors import BundleError
 
 _KEYS = ("mean", "components", "class_means", "precision")
+# The file, and all its arrays unpacked, stay under this (the shipped kNN index: 3.3 MB, 1276 x 1280
+# float16); checked from the zip directory and the .npy headers before any array is allocated.
+OOD_MAX_BYTES = 64 << 20
+_MAX_ARRAYS = 16
+_KINDS = "fiuU"  # floats and integers, and the `method` name; never objects (pickles)
+
+NpzSource = Union[str, os.PathLike, bytes]
 
 
 def fit_ood(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, dims: int = 64, shrinkage: float = 0.1) -> dict:
@@ -61,8 +72,11 @@ class KnnScorer:
 
     def __init__(self, params: dict):
         self.train = np.asarray(params["train"], dtype=np.float32)
-        self.k = int(params["k"])
-        if self.train.ndim != 2 or len(self.train) < 1 or not 1 <= self.k <= len(self.train):
+        k = np.asarray(params["k"])
+        if k.ndim != 0 or k.dtype.kind not in "iu":
+            raise BundleError(f"knn `k` must be one integer, got {k.tolist()!r}")
+        self.k = int(k)
+        if self.train.ndim != 2 or len(self.train) < 1 or self.train.shape[1] < 1 or not 1 <= self.k <= len(self.train):
             raise BundleError(f"knn arrays do not fit together (train {self.train.shape}, k {self.k})")
 
     @property
@@ -76,23 +90,92 @@ class KnnScorer:
         return float(1.0 - top.mean())
 
 
-def load_ood(path: Path):
-    """The scorer an ood.npz holds (by its `method` array; files without one are Mahalanobis)."""
+def _check_headers(data: bytes) -> None:
+    """Refuse, from the zip directory and each .npy header alone, an npz whose arrays would not fit:
+    numpy allocates what a header declares before reading a byte of it (a 6 MB file can declare 6 GB)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        infos = zf.infolist()
+        if len(infos) > _MAX_ARRAYS:
+            raise BundleError(f"{len(infos)} arrays, more than {_MAX_ARRAYS}")
+        total = 0
+        for info in infos:
+            if not info.filename.endswith(".npy"):
+                raise BundleError(f"unexpected member {info.filename!r}")
+            total += info.file_size
+            if total > OOD_MAX_BYTES:
+                raise BundleError(f"its arrays unpack to more than {OOD_MAX_BYTES} bytes")
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise BundleError(f"array {info.filename[:-4]!r}: .npy format {version} is not supported")
+                header = f.tell()
+            if dtype.hasobject or dtype.kind not in _KINDS:
+                raise BundleError(f"array {info.filename[:-4]!r} has dtype {dtype}; only numbers are allowed")
+            declared = math.prod(shape) * dtype.itemsize
+            if declared != info.file_size - header:
+                raise BundleError(
+                    f"array {info.filename[:-4]!r}: its header declares {shape} {dtype} ({declared} bytes) "
+                    f"but it holds {info.file_size - header}"
+                )
+
+
+def read_npz(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of an ood.npz's bytes, checked before and after loading: size caps, dtypes and shapes
+    from the headers, no pickles, every float finite. Raises BundleError (without the file's name: the
+    caller adds it)."""
+    if len(data) > OOD_MAX_BYTES:
+        raise BundleError(f"{len(data)} bytes, over the {OOD_MAX_BYTES}-byte limit")
+    _check_headers(data)
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    for key, a in arrays.items():
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise BundleError(f"array {key!r} holds NaN or infinite values")
+    return arrays
+
+
+def load_ood(source: NpzSource, *, name: str | os.PathLike | None = None, method: str | None = None):
+    """The scorer an ood.npz holds (by its `method` array; files without one are Mahalanobis).
+
+    `source` is the bundle's verified bytes (or a path); `name` names the file in messages; with `method`
+    (the card's `ood.method`) the file must hold that kind of score.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        where = name if name is not None else "<ood.npz bytes>"
+        raw = bytes(source)
+    else:
+        from device.bundle import read_capped
+
+        where = name if name is not None else source
+        raw = read_capped(Path(source), OOD_MAX_BYTES, "ood.npz")  # its errors name the file already
     try:
-        with np.load(path, allow_pickle=False) as data:
-            method = str(data["method"]) if "method" in data else "mahalanobis"
-            if method == "knn":
-                missing = [k for k in ("train", "k") if k not in data]
-                if missing:
-                    raise BundleError(f"missing array {missing[0]!r}")
-                return KnnScorer({"train": data["train"], "k": data["k"]})
-            if method != "mahalanobis":
-                raise BundleError(f"unknown method {method!r} (knn or mahalanobis)")
+        data = read_npz(raw)
+        found = data.get("method")
+        if found is not None and (found.ndim != 0 or found.dtype.kind != "U"):
+            raise BundleError("`method` must be one name")
+        found = str(found) if found is not None else "mahalanobis"
+        if method is not None and found != method:
+            raise BundleError(f"holds a {found!r} score but model.json says {method!r}; re-export the bundle")
+        if found == "knn":
+            missing = [k for k in ("train", "k") if k not in data]
+            if missing:
+                raise BundleError(f"missing array {missing[0]!r}")
+            return KnnScorer({"train": data["train"], "k": data["k"]})
+        if found != "mahalanobis":
+            raise BundleError(f"unknown method {found!r} (knn or mahalanobis)")
+        missing = [k for k in _KEYS if k not in data]
+        if missing:
+            raise BundleError(f"missing array {missing[0]!r}")
+        return OodScorer({k: data[k] for k in _KEYS})
     except BundleError as e:
-        raise BundleError(f"{path}: {e}") from None
+        raise BundleError(f"{where}: {e}") from None
     except (OSError, ValueError, EOFError, NotImplementedError, KeyError, zipfile.BadZipFile) as e:
-        raise BundleError(f"{path}: not a valid ood.npz ({e})") from None
-    return OodScorer.from_npz(path)
+        # a damaged zip shows up as any of these, depending on where the damage is
+        raise BundleError(f"{where}: not a valid ood.npz ({e})") from None
 
 
 class OodScorer:
@@ -119,18 +202,9 @@ class OodScorer:
         return self.mean.shape[0]
 
     @classmethod
-    def from_npz(cls, path: Path) -> "OodScorer":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                missing = [k for k in _KEYS if k not in data]
-                if missing:
-                    raise BundleError(f"missing array {missing[0]!r}")
-                return cls({k: data[k] for k in _KEYS})
-        except BundleError as e:  # also a ValueError: name the file once, here
-            raise BundleError(f"{path}: {e}") from None
-        except (OSError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile) as e:
-            # a damaged zip shows up as any of these, depending on where the damage is
-            raise BundleError(f"{path}: not a valid ood.npz ({e})") from None
+    def from_npz(cls, source: NpzSource) -> "OodScorer":
+        """A Mahalanobis scorer from an ood.npz (path or bytes), checked as load_ood checks it."""
+        return load_ood(source, method="mahalanobis")
 
     def class_distances(self, embedding: np.ndarray) -> np.ndarray:
         """Per-class distance (normalised by sqrt(dims)) of one embedding."""

@@ -95,7 +95,8 @@ def build(out: Path) -> Path:
     for label in LABELS:
         name = f"samples/{label}.jpg"
         colour_image(COLOURS[label], seed=7).save(tmp / name, quality=90)
-        samples.append({"file": name, "label": label, "source": "synthetic (tests/make_tiny_bundle.py)"})
+        samples.append({"file": name, "label": label, "source": "synthetic (tests/make_tiny_bundle.py)",
+                        "verdict": "EDIBLE" if EDIBILITY[label] == "edible" else "POISONOUS"})
     card = {
         "format": FORMAT,
         "name": "tiny-colours",
@@ -109,7 +110,9 @@ def build(out: Path) -> Path:
                        "ood_max_score": 6.0},
         "ood": {"method": "mahalanobis", "file": "ood.npz"},
         "metrics": {"note": "synthetic test model; no real metrics"},
-        "files": {"model.tflite": sha256_file(tmp / "model.tflite"), "ood.npz": sha256_file(tmp / "ood.npz")},
+        # Every file the device reads is listed with its sha256 (samples too), so a signature covers them all.
+        "files": {"model.tflite": sha256_file(tmp / "model.tflite"), "ood.npz": sha256_file(tmp / "ood.npz"),
+                  **{s["file"]: sha256_file(tmp / s["file"]) for s in samples}},
         "samples": samples,
         "training": {"note": "hand-set weights, for tests only"},
     }

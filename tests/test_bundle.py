@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -229,8 +230,9 @@ def test_selftest_fails_on_a_wrong_label(bundle_copy, edit_card):
         require_samples_pass(bundle)
 
 
-def test_selftest_reports_an_unreadable_sample(bundle_copy):
+def test_selftest_reports_an_unreadable_sample(bundle_copy, edit_card):
     (bundle_copy / "samples" / "blue_cap.jpg").write_bytes(b"not a jpeg")
+    edit_card(bundle_copy, lambda c: None, rehash=True)  # a card that vouches for the broken sample
     bundle = load_bundle(bundle_copy)
     bad = [c for c in check_samples(bundle) if not c.ok]
     assert len(bad) == 1 and bad[0].got is None and "not an image" in bad[0].error
@@ -242,3 +244,165 @@ def test_selftest_without_samples_fails(bundle_copy, edit_card):
     edit_card(bundle_copy, lambda c: c.pop("samples"))
     with pytest.raises(BundleError, match="lists no `samples`"):
         check_samples(load_bundle(bundle_copy))
+
+
+# --- issue 12: integrity under attack --------------------------------------------------------------------
+
+
+def test_a_301_mb_card_is_refused_before_it_is_read(bundle_copy, monkeypatch):
+    """Item 1: the old code parsed a 301 MB card (660 MB RSS) before refusing it. A sparse file costs no disk."""
+    import device.bundle as bundle_mod
+
+    with open(bundle_copy / "model.json", "r+b") as f:
+        f.truncate(301 << 20)
+    monkeypatch.setattr(bundle_mod.json, "loads", lambda *a, **k: pytest.fail("the card was parsed"))
+    with pytest.raises(BundleError, match=r"model.json: 315621376 bytes, over the 1048576-byte limit") as e:
+        load_bundle(bundle_copy)
+    assert "\n" not in str(e.value)
+
+
+def test_a_card_just_over_the_cap_is_refused(bundle_copy):
+    from device.bundle import CARD_MAX_BYTES
+
+    card = (bundle_copy / "model.json").read_bytes()
+    (bundle_copy / "model.json").write_bytes(card + b" " * (CARD_MAX_BYTES + 1 - len(card)))
+    with pytest.raises(BundleError, match="limit for a model card"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("depth", [33, 5_000, 100_000])
+def test_a_deeply_nested_card_is_one_line(bundle_copy, depth):
+    """Item 1: a 100,000-deep JSON gave a RecursionError traceback."""
+    (bundle_copy / "model.json").write_text('{"format": "mushcam-bundle/1", "x": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(BundleError, match="nested deeper than 32 levels") as e:
+        load_bundle(bundle_copy)
+    assert "\n" not in str(e.value)
+
+
+def test_a_card_symlink_or_fifo_is_refused(bundle_copy, tmp_path):
+    card = bundle_copy / "model.json"
+    real = tmp_path / "elsewhere.json"
+    real.write_bytes(card.read_bytes())
+    card.unlink()
+    card.symlink_to(real)
+    with pytest.raises(BundleError, match="is a symlink"):
+        load_bundle(bundle_copy)
+    card.unlink()
+    os.mkfifo(card)  # would block a plain open() forever
+    with pytest.raises(BundleError, match="not a regular file"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../../etc/passwd", "samples/../../model.json", "samples//red_cap.jpg",
+                                  "samples\\red_cap.jpg", "./samples/red_cap.jpg"])
+def test_sample_paths_outside_the_bundle_are_refused_in_one_line(bundle_copy, edit_card, name):
+    """Item 2: `../../...` read outside the bundle and `/etc/passwd` gave a traceback in the self-test."""
+    edit_card(bundle_copy, lambda c: c["samples"][0].update(file=name))
+    with pytest.raises(BundleError, match=r"`samples\[0\].file`") as e:
+        load_bundle(bundle_copy)
+    assert "plain" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_sample_not_listed_in_files_is_refused(bundle_copy, edit_card):
+    edit_card(bundle_copy, lambda c: c["files"].pop("samples/green_cap.jpg"))
+    with pytest.raises(BundleError, match=r"`samples\[1\].file` 'samples/green_cap.jpg' is not listed in `files`"):
+        load_bundle(bundle_copy)
+
+
+def test_a_swapped_sample_fails_the_sha_check(bundle_copy):
+    (bundle_copy / "samples" / "red_cap.jpg").write_bytes((bundle_copy / "samples" / "blue_cap.jpg").read_bytes())
+    with pytest.raises(BundleError, match="samples/red_cap.jpg: sha256 does not match"):
+        load_bundle(bundle_copy)
+
+
+def test_the_bundle_serves_the_bytes_it_hashed(tiny_bundle):
+    b = load_bundle(tiny_bundle)
+    assert set(b.data) == set(b.card["files"])
+    for name, blob in b.data.items():
+        assert hashlib.sha256(blob).hexdigest() == b.card["files"][name]
+
+
+LOOSENED = {
+    "edible at any confidence": ("edible_min_confidence", 0.0, "safety floor (>= 0.5"),
+    "edible at a coin toss minus": ("edible_min_confidence", 0.49, "safety floor (>= 0.5"),
+    "any poisonous mass": ("poisonous_max_mass", 1.0, "safety floor (<= 0.25"),
+    "a weak poisonous guess": ("poisonous_min_confidence", 0.1, "safety floor (>= 0.5"),
+    "no unknown-species check": ("ood_max_score", 100, "safety ceiling for a mahalanobis score"),
+}
+
+
+@pytest.mark.parametrize("case", LOOSENED, ids=list(LOOSENED))
+def test_thresholds_past_the_safety_floors_are_refused(case, bundle_copy, edit_card):
+    """Item 3: a card with edible_min_confidence 0, poisonous_max_mass 1 and ood_max_score 100 was served
+    silently and answered EDIBLE for a photo with 44.5% on a poisonous species."""
+    key, value, words = LOOSENED[case]
+    edit_card(bundle_copy, lambda c: c["thresholds"].update({key: value}))
+    with pytest.raises(BundleError, match=re.escape(f"`thresholds.{key}` = {value}")) as e:
+        load_bundle(bundle_copy)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_floors_themselves_are_allowed(bundle_copy, edit_card):
+    edit_card(bundle_copy, lambda c: c["thresholds"].update(edible_min_confidence=0.5, poisonous_max_mass=0.25,
+                                                            poisonous_min_confidence=0.5, ood_max_score=9.99))
+    assert load_bundle(bundle_copy).thresholds == Thresholds(0.5, 0.25, 0.5, 9.99)
+
+
+def test_a_knn_card_has_its_own_ceiling(bundle_copy, edit_card):
+    edit_card(bundle_copy, lambda c: (c["ood"].update(method="knn"), c["thresholds"].update(ood_max_score=1.0)))
+    with pytest.raises(BundleError, match="safety ceiling for a knn score"):
+        load_bundle(bundle_copy)
+
+
+def test_a_card_naming_another_score_than_its_ood_file_is_refused(bundle_copy, edit_card):
+    from device.classifier import Classifier
+
+    edit_card(bundle_copy, lambda c: (c["ood"].update(method="knn"), c["thresholds"].update(ood_max_score=0.5)))
+    with pytest.raises(BundleError, match="holds a 'mahalanobis' score but model.json says 'knn'"):
+        Classifier(load_bundle(bundle_copy), backend="cpu")
+
+
+def test_the_thresholds_in_effect_are_logged_at_load(tiny_bundle, caplog):
+    with caplog.at_level("INFO", logger="mushcam.bundle"):
+        load_bundle(tiny_bundle)
+    assert ("thresholds in effect: edible_min_confidence=0.9, poisonous_max_mass=0.05, "
+            "poisonous_min_confidence=0.5, ood_max_score=6.0") in caplog.text
+
+
+def test_selftest_checks_the_sample_verdicts(bundle_copy, edit_card):
+    """Item 3: a card made stricter or looser within the floors changes verdicts; the samples' recorded
+    verdicts catch it (the red sample is EDIBLE at 0.9, UNSURE when EDIBLE needs 0.999999)."""
+    assert [c.verdict for c in check_samples(load_bundle(bundle_copy))] == ["EDIBLE", "POISONOUS", "POISONOUS"]
+    edit_card(bundle_copy, lambda c: c["thresholds"].update(edible_min_confidence=0.999999))
+    with pytest.raises(BundleError, match=r"failed on 1/3 samples \(samples/red_cap.jpg: verdict UNSURE, expected EDIBLE\)"):
+        require_samples_pass(load_bundle(bundle_copy))
+
+
+def test_a_bad_sample_verdict_in_the_card_is_refused(bundle_copy, edit_card):
+    edit_card(bundle_copy, lambda c: c["samples"][0].update(verdict="SAFE"))
+    with pytest.raises(BundleError, match=r"`samples\[0\].verdict` is 'SAFE'"):
+        load_bundle(bundle_copy)
+
+
+def test_selftest_fails_on_a_non_finite_score(bundle_copy, edit_card, monkeypatch):
+    """Item 3/9: all-NaN scores passed the self-test and then every verdict was UNSURE."""
+    import numpy as np
+
+    from device.classifier import Classifier
+
+    edit_card(bundle_copy, lambda c: [s.pop("verdict") for s in c["samples"]])  # the label check alone
+    real = Classifier.scores
+    monkeypatch.setattr(Classifier, "scores", lambda self, image: (real(self, image)[0], float("nan")))
+    with pytest.raises(BundleError, match="not finite"):
+        require_samples_pass(load_bundle(bundle_copy))
+    monkeypatch.setattr(Classifier, "scores", lambda self, image: (np.array([np.nan, 0.0, 0.0]), 1.0))
+    with pytest.raises(BundleError, match="not finite"):
+        require_samples_pass(load_bundle(bundle_copy))
+
+
+def test_the_bundle_records_the_hashes_of_the_card_and_signature_it_read(bundle_copy):
+    """For callers comparing with what was pushed (device.release): no second read of the files."""
+    b = load_bundle(bundle_copy)
+    assert b.card_sha256 == sha256_file(bundle_copy / "model.json") and b.signature_sha256 is None
+    (bundle_copy / "model.json.sig").write_text("-----BEGIN SSH SIGNATURE-----\n")
+    assert load_bundle(bundle_copy).signature_sha256 == sha256_file(bundle_copy / "model.json.sig")

@@ -273,3 +273,55 @@ def test_open_camera_specs(photos, picamera2, monkeypatch, tmp_path):
 def test_open_camera_bad_specs(spec, message):
     with pytest.raises(ConfigError, match=message):
         open_camera(spec)
+
+
+@pytest.fixture
+def scenes(tmp_path, rgb_array):
+    """Two noisy photos big enough for the jitter's crop to show."""
+    root = tmp_path / "scenes"
+    root.mkdir()
+    for i, colour in enumerate(("red", "blue")):
+        Image.fromarray(rgb_array(colour, size=(60, 80), seed=i)).save(root / f"{i}_{colour}.png")
+    return root
+
+
+def test_fake_camera_one_press_is_one_photo_and_the_next_press_the_next(scenes):
+    with FakeCamera(scenes, seed=3) as camera:
+        first = camera.capture_press(3)
+        assert camera.press_sources == [str(scenes / "0_red.png")] * 3
+        second = camera.capture_press(3)
+        assert camera.press_sources == [str(scenes / "1_blue.png")] * 3
+        camera.capture_press(2)
+        assert camera.press_sources == [str(scenes / "0_red.png")] * 2  # looped
+    photo = np.asarray(Image.open(scenes / "0_red.png"))
+    assert np.array_equal(first[0], photo)  # the first frame is the photo itself
+    assert len({f.tobytes() for f in first}) == 3  # jittered: no two frames alike, as a real camera's
+    for frame in first[1:]:
+        assert frame.dtype == np.uint8 and frame.flags["C_CONTIGUOUS"]
+        assert 0.94 * 60 <= frame.shape[0] <= 60 and 0.94 * 80 <= frame.shape[1] <= 80  # at most 3 % a side
+        assert abs(frame.mean() - photo.mean()) < 0.06 * photo.mean()  # same scene, a little brighter or darker
+    assert second[1].mean(axis=(0, 1)).argmax() == 2  # still the blue photo
+
+
+def test_fake_camera_jitter_is_seeded_and_can_be_turned_off(scenes):
+    a, b = FakeCamera(scenes, seed=5).capture_press(3), FakeCamera(scenes, seed=5).capture_press(3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # a rerun is repeatable
+    still = FakeCamera(scenes, jitter=False).capture_press(3)
+    assert all(np.array_equal(f, still[0]) for f in still)
+    assert open_camera(f"fake:{scenes}", jitter=False).jitter is False
+
+
+def test_fake_camera_press_faults_count_frames(scenes):
+    camera = FakeCamera(scenes, fail_after=4)
+    camera.capture_press(3)
+    with pytest.raises(CameraError, match="after 4 frames"):
+        camera.capture_press(3)  # dies in the middle of the second press
+
+
+def test_real_cameras_take_a_press_as_consecutive_frames(tmp_path):
+    for i, colour in enumerate((RED, BLUE, GREEN)):
+        write_image(tmp_path / f"f{i:02d}.png", colour)
+    with OpenCVCamera(str(tmp_path / "f%02d.png"), flush=0) as camera:
+        frames = camera.capture_press(3)
+        assert [tuple(f[0, 0]) for f in frames] == [RED, BLUE, GREEN]
+        assert camera.press_sources == [f"opencv:{tmp_path / 'f%02d.png'}"] * 3

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from device.cli import app
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-JSON_KEYS = {"path", "label", "display_name", "confidence", "verdict", "reason", "ood_score", "latency_ms"}
+JSON_KEYS = {"path", "label", "display_name", "confidence", "verdict", "reason", "ood_score", "runner_up", "latency_ms"}
 
 runner = CliRunner()
 
@@ -75,6 +75,9 @@ def test_classify_json(tiny_bundle):
         assert isinstance(row["confidence"], float) and 0.9 < row["confidence"] <= 1.0
         assert isinstance(row["latency_ms"], float) and row["latency_ms"] > 0
         assert row["label"] == Path(row["path"]).stem
+        second = row["runner_up"]
+        assert set(second) == {"label", "display_name", "probability"} and second["label"] != row["label"]
+        assert 0 <= second["probability"] <= 1 - row["confidence"] + 1e-3  # the second can only share what is left
     assert [x["verdict"] for x in rows] == ["POISONOUS", "POISONOUS", "EDIBLE"]
     assert r.stderr == ""  # --json output is for machines: no disclaimer mixed in
 
@@ -254,7 +257,11 @@ def test_edgetpu_failure_in_a_real_process(bundle_copy, edit_card):
 def test_selftest_passes(tiny_bundle):
     r = invoke("selftest", "--model", tiny_bundle)
     assert r.exit_code == 0, r.output
-    assert r.stdout.strip() == "selftest ok: tiny-colours 0.0.1, 3/3 samples"
+    first, thresholds = r.stdout.strip().splitlines()
+    assert first == "selftest ok: tiny-colours 0.0.1, 3/3 samples"
+    assert thresholds == ("thresholds in effect: edible_min_confidence=0.9, poisonous_max_mass=0.05, "
+                          "poisonous_min_confidence=0.5, ood_max_score=6.0, confidence_margin=0.0, ood_margin=0.0, "
+                          "mass_margin=0.0")
 
 
 def test_selftest_fails_on_a_wrong_sample_label(bundle_copy, edit_card, tree_state):
@@ -387,3 +394,76 @@ def test_classify_threads(tiny_bundle):
     assert classify(tiny_bundle, "--threads", "2", sample).exit_code == 0
     r = classify(tiny_bundle, "--threads", "-1", sample)
     assert r.exit_code == 1 and len(r.stderr.splitlines()) == 1 and "bundle" not in r.stderr
+
+
+def test_selftest_on_a_100000_deep_card_is_one_line(bundle_copy):
+    """Issue 12 item 1: a 100,000-deep JSON card gave a RecursionError traceback in `mushcam selftest`."""
+    depth = 100_000
+    (bundle_copy / "model.json").write_text('{"a": ' + "[" * depth + "]" * depth + "}")
+    r = run_device("selftest", "--model", bundle_copy)
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [f"mushcam: error: {bundle_copy / 'model.json'}: JSON nested deeper than 32 levels; not a model card"]
+
+
+def _png16_grey(path: Path, w: int, h: int) -> Path:
+    """A real w x h 16-bit greyscale PNG, compressed row by row (no w x h array in the test's memory)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\0" + b"\x30\x00" * w
+    z = zlib.compressobj(6)
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("side, accepted", [(10_000, False), (3_400, True)])
+def test_png_peak_memory_fits_a_pi(tiny_bundle, tmp_path, side, accepted):
+    """Issue 12 item 10: a 10k x 10k 16-bit PNG peaked at 2.6 GB; now refused in one line, and the largest
+    accepted size (11.6 MP here) is shrunk before conversion and classified within 200 MB."""
+    big = _png16_grey(tmp_path / "big.png", side, side)
+    cmd = [sys.executable, "-m", "device", "classify", "--model", str(tiny_bundle), "--json", str(big)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    p = subprocess.run([sys.executable, "-c", RSS_PROBE, *cmd], cwd=REPO_ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    *out, rss = p.stdout.splitlines()
+    peak_mb = int(rss) / 1024
+    if accepted:
+        assert p.returncode == 0, p.stderr
+    else:
+        assert p.returncode == 1 and "too many pixels to decode safely on a Pi" in p.stderr
+        assert "Traceback" not in p.stderr
+    assert peak_mb <= 200, f"classify peaked at {peak_mb:.0f} MB"
+
+
+def test_check_config_refuses_a_missing_allowed_signers_and_warns_on_a_missing_model_dir(tmp_path):
+    """Issue 12 item 12: check-config said ok to `require_signature = true` with no allowed-signers file."""
+    p = tmp_path / "config.toml"
+    p.write_text(f'require_signature = true\nallowed_signers = "{tmp_path / "signers"}"\nmodel_dir = "{tmp_path / "m"}"\n')
+    r = invoke("check-config", p)
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.splitlines() == [
+        f"mushcam: warning: `model_dir` {tmp_path / 'm'} does not exist yet; the daemon will not start until a bundle is there",
+        f"mushcam: error: `allowed_signers` {tmp_path / 'signers'} does not exist, and `require_signature = true` makes "
+        "the daemon refuse every bundle without it; create it with the trusted public keys",
+    ]
+    (tmp_path / "signers").write_text("")
+    r = invoke("check-config", p)
+    assert r.exit_code == 0 and "mushcam: warning: `model_dir`" in r.stderr and "config ok" in r.stderr
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[captures]\ndir = "/"\n', "`captures.dir` = '/' is a system folder"),
+    ('model_dir = "models/x"\n', "must be an absolute path"),
+    ('status_file = "/etc/passwd"\n', "outside a runtime or state folder"),
+    ('camera = "usb:0"\n', "valid kinds: fake, opencv, picamera2"),
+])
+def test_check_config_refuses_what_a_config_could_abuse(tmp_path, text, words):
+    p = tmp_path / "config.toml"
+    p.write_text(text)
+    r = invoke("check-config", p)
+    assert r.exit_code == 1 and words in r.stderr and len(r.stderr.splitlines()) == 1

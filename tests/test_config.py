@@ -175,3 +175,63 @@ def test_resolved_model_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("MUSHCAM_MODEL", "/env/model")
     assert Config().resolved_model_dir() == Path("/env/model")
     assert Config(model_dir="/explicit").resolved_model_dir() == Path("/explicit")  # the file wins
+
+
+# --- issue 12 item 12 (and 11): what a config can abuse -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ('model_dir = "models/current"', "`model_dir` = 'models/current' must be an absolute path"),
+        ('allowed_signers = "signers"', "`allowed_signers` = 'signers' must be an absolute path"),
+        ('status_file = "status.json"', "`status_file` = 'status.json' must be an absolute path"),
+        ('[captures]\ndir = "captures"', "`captures.dir` = 'captures' must be an absolute path"),
+        ('require_signature = true\nallowed_signers = ""', "`require_signature = true` needs `allowed_signers`"),
+        ('[captures]\ndir = "/"', "`captures.dir` = '/' is a system folder"),
+        ('[captures]\ndir = "/etc"', "`captures.dir` = '/etc' is a system folder"),
+        ('[captures]\ndir = "/usr/share/mushcam"', "is a system folder"),
+        ('[captures]\ndir = "/var/lib"', "is a system folder"),
+        ('[captures]\ndir = "/var/lib/mushcam/../../lib"', "is a system folder"),
+        ('[captures]\ndir = "/var/lib/mushcam/models"', "overlaps the model store"),
+        ('[captures]\ndir = "/var/lib/mushcam/models/releases/x"', "overlaps the model store"),
+        ('model_dir = "/srv/m/current"\n[captures]\ndir = "/srv/m"', "overlaps the model store"),
+        ('status_file = "/etc/passwd"', "`status_file` = '/etc/passwd' is outside a runtime or state folder"),
+        ('status_file = "/home/pi/status.json"', "outside a runtime or state folder"),
+        ('status_file = "/run"', "outside a runtime or state folder"),
+        ('status_file = "/var/lib/mushcam/models/current/model.json"', "inside the model store"),
+        ('camera = "webcam"', "`camera`: unknown camera 'webcam'; valid kinds: fake, opencv, picamera2"),
+        ('camera = "fake:"', "`camera`: camera 'fake' needs a path"),
+        ('camera = "picamera2:left"', "picamera2 takes a camera number"),
+    ],
+)
+def test_paths_and_camera_a_config_could_abuse_are_refused(text, words):
+    assert words in error_of(text)
+
+
+@pytest.mark.parametrize("camera", ["picamera2", "picamera2:1", "opencv", "opencv:0", "opencv:/dev/video0", "fake:/x/*.jpg"])
+def test_valid_camera_specs(camera):
+    assert parse_config(f'camera = "{camera}"').camera == camera
+
+
+def test_the_installed_defaults_pass(tmp_path):
+    c = parse_config('model_dir = "/var/lib/mushcam/models/current"\nstatus_file = "/run/mushcam/status.json"\n'
+                     f'[captures]\nenabled = true\ndir = "{tmp_path / "captures"}"\n')
+    assert c.captures.enabled and c.status_file == "/run/mushcam/status.json"
+
+
+def test_a_captures_dir_that_is_a_symlink_to_root_is_refused(tmp_path):
+    (tmp_path / "cap").symlink_to("/")
+    assert "is a system folder" in error_of(f'[captures]\ndir = "{tmp_path / "cap"}"')
+
+
+def test_machine_problems(tmp_path):
+    from device.config import machine_problems
+
+    c = parse_config(f'require_signature = true\nallowed_signers = "{tmp_path / "nope"}"\nmodel_dir = "{tmp_path / "m"}"\n')
+    errors, warnings = machine_problems(c)
+    assert len(errors) == 1 and "`allowed_signers`" in errors[0] and "refuse every bundle" in errors[0]
+    assert len(warnings) == 1 and "`model_dir`" in warnings[0] and "does not exist yet" in warnings[0]
+    (tmp_path / "nope").write_text("")
+    (tmp_path / "m").mkdir()
+    assert machine_problems(c) == ([], [])

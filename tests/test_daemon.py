@@ -45,6 +45,8 @@ def make_cfg(tmp_path, bundle, camera=None, **kw) -> Config:
         model_dir=str(bundle),
         camera=camera or f"fake:{bundle / 'samples' / 'red_cap.jpg'}",
         frames_per_press=2,
+        # The tiny model's 3-value embedding reads a 3 % brightness change as a new species: no jitter here.
+        camera_jitter=False,
         status_file=str(tmp_path / "status.json"),
         gpio=GpioConfig(pin_factory="mock", bounce_ms=0),
         display=DisplayConfig(kind="png", png_dir=str(tmp_path / "display")),
@@ -280,7 +282,10 @@ def test_run_once_is_the_laptop_demo(tmp_path, bundle):
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if line.split()[0] in ("EDIBLE", "POISONOUS", "UNSURE")]
     assert len(lines) == 3
-    assert len(list((tmp_path / "d").glob("*.png"))) == 3
+    # The ready screen, then one verdict screen per photo, named by press.
+    names = sorted(p.name for p in (tmp_path / "d").glob("*.png"))
+    assert names[0] == "frame-000001-ready.png" and len(names) == 4, names
+    assert [n.split("-")[2] for n in names[1:]] == ["press0001", "press0002", "press0003"]
 
 
 def test_run_with_a_bad_config_is_one_line(tmp_path):
@@ -291,3 +296,96 @@ def test_run_with_a_bad_config_is_one_line(tmp_path):
                          text=True, timeout=60)
     assert out.returncode == 1
     assert "frames_per_press" in out.stderr and "Traceback" not in out.stderr
+
+
+def shown(d) -> list:
+    """Record every Screen the daemon shows (the PNG display still saves them)."""
+    screens = []
+    real = d.display.show
+    d.display.show = lambda screen: (screens.append(screen), real(screen))
+    return screens
+
+
+def test_screens_ready_busy_verdict_and_an_error_that_is_not_unsure(tmp_path, bundle, mock_pins):
+    r = Running(make_cfg(tmp_path, bundle))
+    with r as d:
+        ready = sorted((tmp_path / "display").glob("*.png"))
+        assert [p.name for p in ready] == ["frame-000001-ready.png"]  # before any press
+        screens = shown(d)
+        r.press()
+        assert [s.kind for s in screens] == ["busy", "verdict"]
+        assert screens[1].verdict == "EDIBLE" and screens[1].title == "red cap" and screens[1].press == 1
+        d.camera.fail(1)
+        pin = gpiozero.Device.pin_factory.pin(BUTTON)
+        pin.drive_low()
+        pin.drive_high()
+        assert wait_for(lambda: any(s.kind == "error" for s in screens))
+        error = next(s for s in screens if s.kind == "error")
+        assert error.verdict == "ERROR" and "UNSURE" not in (error.title + error.detail + error.note)
+    names = [p.name for p in sorted((tmp_path / "display").glob("*.png"))]
+    assert names[1:4] == ["frame-000002-press0001-busy.png", "frame-000003-press0001-edible.png",
+                          "frame-000004-press0002-busy.png"]
+    assert names[4].endswith("-error.png")
+
+
+def test_the_verdict_screen_names_the_poisonous_look_alike_or_the_runner_up(tmp_path, bundle):
+    import numpy as np
+
+    from device.bundle import load_bundle
+    from device.classifier import Result
+    from device.verdict import decide
+
+    d = Daemon(make_cfg(tmp_path, bundle))
+    d.bundle = b = load_bundle(bundle)
+
+    def screen(probs):
+        decision = decide(probs, b.labels, b.classes, b.thresholds, 1.0)
+        return d.verdict_screen(Result(decision, np.array(probs), 1.0, 1.0, 3, tuple(b.labels)))
+
+    # red_cap is edible; green_cap and blue_cap are poisonous.
+    s = screen([0.90, 0.07, 0.03])
+    assert (s.verdict, s.detail, s.note) == ("UNSURE", "toxic look-alike likely", "looks like: green cap 7%")
+    s = screen([0.97, 0.005, 0.025])
+    assert s.verdict == "EDIBLE" and s.note == "looks like: blue cap 2%"  # every poisonous figure >= 1 % is shown
+    assert screen([0.995, 0.003, 0.002]).note == ""  # nothing worth naming
+    s = screen([0.05, 0.55, 0.40])
+    assert s.verdict == "POISONOUS" and s.note == "2nd: blue cap 40%"
+    assert screen([0.01, 0.97, 0.02]).note == ""  # a runner-up under 5 % is noise
+
+
+def test_status_file_is_world_readable_under_the_units_umask(tmp_path, bundle, mock_pins):
+    """Issue 12 item 7: under the unit's UMask=0027 the status file was 0640 mushcam:mushcam, so a deploy
+    user outside the group could never confirm a flash. Its mode (and a folder the daemon makes for it)
+    is set explicitly."""
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        cfg = make_cfg(tmp_path, bundle)
+        cfg.status_file = str(tmp_path / "run" / "mushcam" / "status.json")
+        d = Daemon(cfg)
+        try:
+            d.start()
+        finally:
+            d.close()
+    finally:
+        os.umask(old)
+    status = Path(cfg.status_file)
+    assert json.loads(status.read_text())["state"] == "stopped"
+    assert stat.S_IMODE(status.stat().st_mode) == 0o644
+    assert stat.S_IMODE(status.parent.stat().st_mode) == 0o755
+
+
+def test_start_sweeps_the_captures_a_crash_left_unfinished(tmp_path, bundle, mock_pins):
+    cap = tmp_path / "captures"
+    stale = cap / ".tmp-20260101-000000-000000001"
+    stale.mkdir(parents=True)
+    (stale / "frame_0.jpg").write_bytes(b"\0" * 1000)
+    keep = cap / "holiday-2019"
+    keep.mkdir()
+    d = Daemon(make_cfg(tmp_path, bundle, captures=CapturesConfig(enabled=True, dir=str(cap), max_mb=1)))
+    try:
+        d.start()
+    finally:
+        d.close()
+    assert not stale.exists() and keep.is_dir()

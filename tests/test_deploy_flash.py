@@ -382,3 +382,118 @@ def test_help_and_shellcheck():
         pytest.fail("shellcheck not found: apt-get install shellcheck")
     check = subprocess.run([shellcheck, str(FLASH)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
+
+
+# --- integrity under attack (issue 12) ------------------------------------------------------------------
+def test_two_flashes_to_one_device_cannot_both_report_ok(sshd, bundles, make_devices, tmp_path):
+    """The device's lock is held for a whole flash: a second one fails at once instead of racing."""
+    (dev,), inventory = make_devices(1)
+    dev.seed(bundles["A"])
+    (dev.root / "reload_delay").write_text("2")
+    c = derive_bundle(bundles["B"], tmp_path / "C", version="3.0.0")
+    cmd = ["bash", str(FLASH), "-F", str(sshd.ssh_config), "--timeout", "10", "--inventory", str(inventory)]
+    first = subprocess.Popen([*cmd, str(bundles["B"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    second = subprocess.Popen([*cmd, str(c)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = {}
+    for name, proc in (("B", first), ("C", second)):
+        out, err = proc.communicate(timeout=90)
+        print(out, err)
+        results[name] = (proc.returncode, out)
+    oks = [name for name, (rc, out) in results.items() if rc == 0]
+    assert len(oks) == 1, results
+    loser = "C" if oks == ["B"] else "B"
+    assert "locked by another release operation" in results[loser][1]
+    winner = bundles["B"] if oks == ["B"] else c
+    assert dev.current() == release_name(winner)
+    assert dev.status()["model_version"] == read_card(winner)["version"]
+
+
+def test_one_device_under_three_names_is_refused(sshd, bundles, make_devices):
+    (dev,), _ = make_devices(1)
+    dev.seed(bundles["A"])
+    hosts = ["dev1", f"{sshd.user}@127.0.0.1:{sshd.port}", f"127.0.0.1:{sshd.port}"]
+    result = flash(sshd, str(bundles["B"]), *hosts, *dev.options())
+    assert result.returncode == 2
+    assert "are the same device" in result.stderr and "listed twice" in result.stderr
+    assert dev.releases() == [release_name(bundles["A"])]
+    assert dev.reloads() == 0
+
+
+def test_symlink_in_a_bundle_is_refused_before_any_copy(sshd, bundles, make_devices, tmp_path):
+    """scp follows symlinks: a bundle's link to a private key would publish it on the device."""
+    (dev,), inventory = make_devices(1)
+    dev.seed(bundles["A"])
+    secret = tmp_path / "id_ed25519"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    evil = derive_bundle(bundles["B"], tmp_path / "evil", version="2.5.0")
+    (evil / "samples" / "notes.jpg").symlink_to(secret)
+    result = flash(sshd, str(evil), "--inventory", str(inventory), "--transfer", "scp")
+    assert result.returncode == 2
+    assert "samples/notes.jpg is a symlink" in result.stderr and "before any copy" in result.stderr
+    assert dev.releases() == [release_name(bundles["A"])]
+    assert not list(dev.root.rglob("notes.jpg"))
+
+
+def test_hosts_that_would_be_ssh_options_are_refused(sshd, bundles, make_devices, tmp_path):
+    (dev,), _ = make_devices(1)
+    marker = tmp_path / "pwned"
+    for host in (f"-oProxyCommand=touch {marker}@dev2", "-oProxyCommand=x", "dev2:-1", "-v"):
+        inventory = tmp_path / "hostile"
+        inventory.write_text(f"'{host}'\n")
+        result = flash(sshd, str(bundles["B"]), "--inventory", str(inventory))
+        assert result.returncode == 2, host
+        assert "bad host" in result.stderr
+    assert not marker.exists()
+
+
+def test_device_output_cannot_drive_the_terminal(sshd, bundles, make_devices, tmp_path):
+    """A compromised device answers with escape sequences: they are printed as '?'."""
+    (dev,), _ = make_devices(1)
+    liar = tmp_path / "liar"
+    liar.write_text(
+        "#!/bin/sh\nprintf 'LOG\\t\\033[2Jcleared\\n\\033]0;title\\007\\n'\n"
+        "printf 'RESULT\\tFAILED\\tx\\t\\033[31mred\\033[0m \\r\\bdone\\n'\nexit 1\n"
+    )
+    liar.chmod(0o755)
+    result = flash(sshd, str(bundles["B"]), "dev1", *dev.options(), "--mushcam", str(liar))
+    assert result.returncode == 1
+    for stream in (result.stdout, result.stderr):
+        assert not any(ch in stream for ch in "\x1b\x07\r\b"), repr(stream)
+    assert "?[31mred?[0m" in summary_row(result, "dev1")
+    assert "?[2Jcleared" in result.stderr
+
+
+def test_status_from_a_process_that_is_not_the_services_main_pid_is_not_trusted(sshd, bundles, make_devices):
+    (dev,), inventory = make_devices(1)
+    old = dev.seed(bundles["A"])
+    (dev.root / "wrong_pid").touch()
+    result = flash(sshd, str(bundles["B"]), "--inventory", str(inventory))
+    assert result.returncode == 1
+    row = summary_row(result, "dev1")
+    assert "health:" in row and "MainPID" in row and f"current back to {old}" in row
+    assert dev.current() == old
+
+
+def test_a_device_whose_mushcam_predates_release_says_what_to_do(sshd, bundles, make_devices, tmp_path):
+    (dev,), _ = make_devices(1)
+    old = tmp_path / "old-mushcam"
+    old.write_text("#!/bin/sh\necho \"Error: No such command 'release'.\" >&2\nexit 2\n")
+    old.chmod(0o755)
+    result = flash(sshd, str(bundles["B"]), "dev1", *dev.options(), "--mushcam", str(old))
+    assert result.returncode == 1
+    row = summary_row(result, "dev1")
+    assert "connect/prepare: Error: No such command 'release'." in row and "run deploy/install.sh there again" in row
+
+
+def test_a_deep_or_huge_card_is_refused_in_one_line(sshd, bundles, tmp_path):
+    deep = derive_bundle(bundles["B"], tmp_path / "deep")
+    (deep / "model.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = flash(sshd, str(deep), "dev1")
+    assert result.returncode == 2 and "model.json: unreadable" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    huge = derive_bundle(bundles["B"], tmp_path / "huge")
+    with open(huge / "model.json", "a") as f:
+        f.write(" " * (2 << 20))
+    result = flash(sshd, str(huge), "dev1")
+    assert result.returncode == 2 and "larger than 1 MB" in result.stderr

@@ -6,19 +6,23 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from device.config import load_config
+from tests.deploy_support.bundles import derive_bundle
 from tests.deploy_support.devices import REPO, release_name
 
 INSTALL = REPO / "deploy" / "install.sh"
 
 
 def install(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(["bash", str(INSTALL), *args], capture_output=True, text=True, timeout=60)
+    # With --skip venv the model step runs the checkout's `python3 -m device`: this venv's python3.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(INSTALL), *args], capture_output=True, text=True, timeout=60, env=env)
     print(result.stdout, result.stderr)
     return result
 
@@ -105,3 +109,36 @@ def test_help_and_shellcheck():
         pytest.fail("shellcheck not found: apt-get install shellcheck")
     check = subprocess.run([shellcheck, str(INSTALL)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
+
+
+def test_a_card_version_that_is_a_path_is_refused(tmp_path, tiny_bundle):
+    """Issue 12 item 6: version "../../../../../../ESCAPED" once made (and rm -rf'd) a directory outside --root."""
+    bad = derive_bundle(tiny_bundle, tmp_path / "bad", version="../../../../../../ESCAPED")
+    root = tmp_path / "sandbox" / "pi"
+    result = install("--root", str(root), "--skip", "venv", "--model", str(bad))
+    assert result.returncode == 2
+    assert "not a plain name" in result.stderr and "nothing was installed" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not [p for p in tmp_path.rglob("*") if "ESCAPED" in p.name]
+    models = root / "var" / "lib" / "mushcam" / "models"
+    assert not (models / "current").exists() and list((models / "releases").iterdir()) == []
+
+
+def test_mushcam_is_on_path_after_install(tmp_path, tiny_bundle):
+    """/usr/local/bin/mushcam names the venv's (where it will be on the Pi), and the model step uses it."""
+    root = tmp_path / "pi"
+    venv_bin = root / "opt" / "mushcam" / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    # A stand-in venv: pip is a no-op, TensorFlow is absent, mushcam is this checkout's.
+    (venv_bin / "python").write_text('#!/bin/sh\n[ "$1" = -c ] && exit 1\nexit 0\n')
+    (venv_bin / "mushcam").write_text(f'#!/bin/sh\necho venv-mushcam >>"{tmp_path}/used"\n'
+                                      f'PYTHONPATH="{REPO}" exec "{sys.executable}" -m device "$@"\n')
+    for f in venv_bin.iterdir():
+        f.chmod(0o755)
+    result = install("--root", str(root), "--model", str(tiny_bundle))
+    assert result.returncode == 0
+    link = root / "usr" / "local" / "bin" / "mushcam"
+    assert os.readlink(link) == "/opt/mushcam/venv/bin/mushcam"
+    assert (tmp_path / "used").read_text().split() == ["venv-mushcam"]
+    models = root / "var" / "lib" / "mushcam" / "models"
+    assert os.readlink(models / "current") == f"releases/{release_name(tiny_bundle)}"

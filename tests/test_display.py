@@ -106,9 +106,9 @@ def test_png_display_saves_numbered_frames(tmp_path):
     folder = tmp_path / "screen"
     with PngDisplay(folder) as display:
         display.show(Screen("Chanterelle", "EDIBLE", 0.91))
-        display.show(Screen("Death cap", "POISONOUS", 0.97, "2nd: Paddy straw 2%"))
-    assert sorted(p.name for p in folder.iterdir()) == ["frame-000001.png", "frame-000002.png"]
-    assert display.last_path == folder / "frame-000002.png"
+        display.show(Screen("Death cap", "POISONOUS", 0.97, "2nd: Paddy straw 2%", press=7))
+    assert sorted(p.name for p in folder.iterdir()) == ["frame-000001-edible.png", "frame-000002-press0007-poisonous.png"]
+    assert display.last_path == folder / "frame-000002-press0007-poisonous.png"
     with Image.open(display.last_path) as image:
         assert image.size == (128, 64)
         image = image.convert("1")
@@ -119,8 +119,8 @@ def test_png_display_saves_numbered_frames(tmp_path):
 def test_png_display_never_overwrites_earlier_frames(tmp_path):
     (tmp_path / "frame-000007.png").write_bytes(b"from an earlier run")
     display = PngDisplay(tmp_path)
-    display.show(Screen("x", "UNSURE", None))
-    assert display.last_path.name == "frame-000008.png"
+    display.show(Screen("x", "UNSURE", None, kind="ready"))
+    assert display.last_path.name == "frame-000008-ready.png"
     assert (tmp_path / "frame-000007.png").read_bytes() == b"from an earlier run"
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -187,3 +187,73 @@ def test_without_freetype_the_bitmap_font_still_fits(monkeypatch):
     image = render(Screen("Death cap", "POISONOUS", 0.97, "detail"))
     assert contains(image, text_image(SAFETY_LINES[1], 10))  # the shorter wording: 102 px
     assert lit(image, VERDICT_AREA) > 40
+
+
+def test_png_display_keeps_only_the_newest_frames(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a frame: left alone")
+    display = PngDisplay(tmp_path, keep=3)
+    for press in range(1, 6):
+        display.show(Screen("x", "UNSURE", 0.5, press=press))
+    assert sorted(p.name for p in tmp_path.glob("frame-*.png")) == [
+        "frame-000003-press0003-unsure.png", "frame-000004-press0004-unsure.png", "frame-000005-press0005-unsure.png"]
+    assert (tmp_path / "notes.txt").exists()
+
+
+def _verdict_reasons() -> list[str]:
+    """Every reason device/verdict.py can give: the strings passed to _unsure() and Decision(), read from
+    its source so that a reason added later is checked too (f-string fields filled with typical values)."""
+    import ast
+    from pathlib import Path
+
+    import device.verdict
+
+    tree = ast.parse(Path(device.verdict.__file__).read_text())
+    reasons = set()
+
+    def text(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        if isinstance(node, ast.JoinedStr):
+            return "".join(v.value if isinstance(v, ast.Constant) else "12" if "len" in ast.unparse(v) else "'amanita_caesarea'"
+                           for v in node.values)
+        return None
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            args = {"_unsure": node.args[:1], "Decision": node.args[5:6]}.get(node.func.id, [])
+            reasons.update(t for t in map(text, args) if t)
+        if isinstance(node, ast.Assign) and any("note" in ast.unparse(t) for t in node.targets):
+            # ood_ok, ood_note = False, "..." : reasons handed on through a variable
+            for t in ast.walk(node.value):
+                if isinstance(t, ast.Constant) and isinstance(t.value, str) and t.value:
+                    reasons.add(t.value)
+    return sorted(reasons)
+
+
+def test_every_verdict_reason_fits_the_display_without_dots():
+    reasons = _verdict_reasons()
+    assert "unlike the species the model was trained on" in reasons and "edible species, confident" in reasons
+    assert len(reasons) >= 10
+    font = display_module._font(10)
+    for reason in reasons:
+        short = display_module.short_reason(reason)
+        assert not short.endswith("..."), f"{reason!r} does not fit: {short!r}"
+        assert display_module._width(short, font) <= 128, reason
+
+
+def test_a_verdict_screen_with_three_rows_keeps_them_all():
+    screen = Screen("Caesar's mushroom", "UNSURE", 0.62, "too unsure for edible", "looks like: grisette 31%")
+    image = render(screen)
+    for text in (screen.detail, screen.note):
+        assert contains(image, text_image(text, 9)), text  # both rows drawn, whole, at 9 px
+    assert contains(image, text_image("Caesar's mushroom", 11))
+    assert contains(image.crop(SAFETY_AREA), text_image(SAFETY_LINES[0], 10))
+
+
+def test_name_with_percent_shortens_the_prefix_then_the_name_never_the_figure():
+    f = display_module.name_with_percent
+    assert f(("looks like: ", "like: "), "grisette", 0.449) == "looks like: grisette 44%"
+    assert f(("looks like: ", "like: "), "scarletina bolete", 0.3) == "like: scarletina bolete 30%"
+    cut = f(("2nd: ",), "a species with a very long name indeed", 0.071)
+    assert cut.startswith("2nd: a species") and cut.endswith("... 7%")
+    assert display_module._width(cut, display_module._font(9)) <= 128

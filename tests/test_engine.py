@@ -227,3 +227,19 @@ def test_default_threads_falls_back_to_cpu_count(monkeypatch):
 def test_negative_threads_is_a_config_error_not_a_bundle_error(bundle):
     with pytest.raises(ConfigError, match="threads"):
         load_engine(bundle, "cpu", threads=-2)
+
+
+def test_the_edgetpu_engine_is_built_from_the_verified_bytes(edgetpu_bundle, monkeypatch):
+    """Issue 12 item 1: the Edge TPU model is run from the bytes whose sha256 was checked, not re-opened.
+    Only the delegate (the hardware) is faked; the interpreter is LiteRT's own, built with model_content."""
+    import device.engine as engine_mod
+
+    marker = object()
+    real = engine_mod.make_interpreter
+    monkeypatch.setattr(engine_mod, "load_edgetpu_delegate", lambda: marker)
+    monkeypatch.setattr(engine_mod, "make_interpreter",
+                        lambda path, threads=None, delegates=None, content=None:
+                        real(path, threads, [d for d in delegates or [] if d is not marker], content=content))
+    (edgetpu_bundle.path / "model_edgetpu.tflite").write_bytes(b"swapped after the check")
+    engine = EdgeTpuEngine(edgetpu_bundle)
+    assert engine.name == "edgetpu" and engine.interpreter.get_input_details()[0]["shape"].tolist() == [1, 16, 16, 3]

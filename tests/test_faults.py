@@ -22,15 +22,15 @@ def rss_mb() -> float:
 
 
 class BlockingCamera:
-    """Wraps a camera so that capture() blocks until released: a hung camera driver."""
+    """Wraps a camera so that capture_press() blocks until released: a hung camera driver."""
 
     def __init__(self, inner):
         self.inner, self.release, self.entered = inner, threading.Event(), threading.Event()
 
-    def capture(self):
+    def capture_press(self, n):
         self.entered.set()
         self.release.wait(30)
-        return self.inner.capture()
+        return self.inner.capture_press(n)
 
     def close(self):
         self.release.set()
@@ -125,3 +125,30 @@ def test_100_presses_a_second_for_10_s(tmp_path, bundle, mock_pins):
         assert 50 <= d.presses_answered <= 1001
         assert grown < 25, f"memory grew {grown:.1f} MB"
         assert led(GREEN) == 1
+
+
+def test_waiting_presses_during_a_press_coalesce_into_one_more_and_all_get_a_verdict(tmp_path, bundle, mock_pins):
+    from device.press import press
+
+    r = Running(make_cfg(tmp_path, bundle))
+    with r as d:
+        cam = d.camera = BlockingCamera(d.camera)
+        sock = d.press_server.path
+        answers = {}
+
+        def ask(name):
+            answers[name] = press(sock, wait=True, timeout=30)
+
+        first = threading.Thread(target=ask, args=("first",))
+        first.start()
+        assert cam.entered.wait(5)  # the first press is being captured
+        later = [threading.Thread(target=ask, args=(n,)) for n in ("b", "c", "d")]
+        for t in later:
+            t.start()
+        assert wait_for(lambda: len(d._waiters) == 3)
+        cam.release.set()
+        for t in [first, *later]:
+            t.join(30)
+        assert set(answers) == {"first", "b", "c", "d"}
+        assert all(a.startswith("EDIBLE") for a in answers.values()), answers
+        assert d.presses_answered == 2  # the three presses asked during the first became one

@@ -9,7 +9,7 @@ from device.bundle import load_bundle
 from device.classifier import Classifier
 from device.engine import CpuEngine
 from device.errors import BundleError
-from device.ood import OodScorer, fit_ood
+from device.ood import OodScorer, fit_knn, fit_ood
 from device.preprocess import preprocess
 
 
@@ -157,3 +157,94 @@ def test_load_ood_refuses_an_unknown_method_in_one_line(tmp_path):
     np.savez(tmp_path / "ood.npz", method=np.array("magic"), train=np.zeros((2, 2)), k=np.array(1))
     with pytest.raises(BundleError, match="unknown method 'magic'"):
         load_ood(tmp_path / "ood.npz")
+
+
+# --- issue 12, item 9: an ood.npz is checked before and after it is loaded ------------------------------
+
+
+def _npz_declaring(tmp_path, shape, dtype="<f2", payload=b"\0" * 64):
+    """An npz whose `train.npy` header declares `shape` but holds only `payload` (a 6 MB file can say 6 GB)."""
+    import io
+    import zipfile
+
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(1, dtype=dtype))
+    header["shape"] = shape
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    path = tmp_path / "ood.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("method.npy", _npy(np.array("knn")))
+        zf.writestr("k.npy", _npy(np.array(1)))
+        zf.writestr("train.npy", buf.getvalue() + payload)
+    return path
+
+
+def _npy(a) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_a_header_declaring_6_gb_is_refused_before_any_allocation(tmp_path, monkeypatch):
+    from device.ood import load_ood
+
+    path = _npz_declaring(tmp_path, (3_000_000, 1000))  # 6 GB of float16, in a file of a few hundred bytes
+    real = np.lib.format.read_array
+    monkeypatch.setattr(np.lib.format, "read_array", lambda *a, **k: pytest.fail("an array was allocated") or real(*a, **k))
+    with pytest.raises(BundleError, match=r"header declares \(3000000, 1000\) float16 \(6000000000 bytes\) but it holds 64") as e:
+        load_ood(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_an_npz_unpacking_past_the_cap_is_refused(tmp_path, monkeypatch):
+    import device.ood as ood_mod
+
+    monkeypatch.setattr(ood_mod, "OOD_MAX_BYTES", 1000)
+    np.savez_compressed(tmp_path / "ood.npz", **fit_knn(np.ones((10, 64)), k=1))  # 1280 bytes of float16, packed
+    with pytest.raises(BundleError, match="unpack to more than 1000 bytes"):
+        ood_mod.load_ood(tmp_path / "ood.npz")
+
+
+def test_an_oversized_npz_file_is_refused_unread(tmp_path):
+    from device.ood import OOD_MAX_BYTES, load_ood
+
+    with open(tmp_path / "ood.npz", "wb") as f:
+        f.truncate(OOD_MAX_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(BundleError, match="over the .*-byte limit"):
+        load_ood(tmp_path / "ood.npz")
+
+
+@pytest.mark.parametrize("method", ["knn", "mahalanobis"])
+def test_nan_embeddings_are_refused(tmp_path, method):
+    """All-NaN embeddings passed the self-test, then every verdict was UNSURE."""
+    from device.ood import load_ood
+
+    rng = np.random.default_rng(5)
+    x, y = clusters(rng)
+    params = fit_knn(x, k=1) if method == "knn" else fit_ood(x, y, 3, dims=4)
+    key = "train" if method == "knn" else "precision"
+    params[key] = np.full_like(params[key], np.nan)
+    np.savez(tmp_path / "ood.npz", **params)
+    with pytest.raises(BundleError, match=f"array '{key}' holds NaN or infinite values"):
+        load_ood(tmp_path / "ood.npz")
+
+
+@pytest.mark.parametrize("k", [[1, 2], 1.5, "1", [[1]]])
+def test_k_must_be_one_integer(tmp_path, k):
+    """`k=[1,2]` gave a traceback."""
+    from device.ood import load_ood
+
+    np.savez(tmp_path / "ood.npz", method=np.array("knn"), train=np.ones((4, 3), np.float16), k=np.array(k))
+    with pytest.raises(BundleError, match="`k` must be one integer") as e:
+        load_ood(tmp_path / "ood.npz")
+    assert "\n" not in str(e.value)
+
+
+def test_the_shipped_index_passes_the_checks():
+    from device.ood import KnnScorer, load_ood
+    from tests.conftest import REPO_ROOT
+
+    scorer = load_ood(REPO_ROOT / "models" / "mushcam-mnv2-7sp" / "ood.npz", method="knn")
+    assert isinstance(scorer, KnnScorer) and scorer.embedding_size == 1280

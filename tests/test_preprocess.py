@@ -285,9 +285,70 @@ def test_huge_jpeg_is_decoded_small_via_draft(huge_jpeg):
     assert np.array_equal(prepare_rgb(huge_jpeg, SPEC), resize(load_image(huge_jpeg, min_size=32), (16, 16)))
 
 
-def test_without_min_size_the_full_picture_is_decoded(huge_jpeg):
+def test_without_min_size_the_full_picture_is_decoded(tmp_path):
     # The control for the test above: it is draft, not the file, that makes the array small.
-    assert load_image(huge_jpeg).shape == (6000, 8000, 3)
+    p = tmp_path / "big.jpg"
+    Image.new("RGB", (4000, 3000), (210, 40, 30)).save(p, quality=85)
+    assert load_image(p).shape == (3000, 4000, 3)
+
+
+def test_without_min_size_a_48_mp_jpeg_is_refused(huge_jpeg):
+    """Decoded whole, 48 MP would cost a Pi ~350 MB: one line instead."""
+    with pytest.raises(ImageError, match="at most 12.2 MP for a JPEG decoded whole") as e:
+        load_image(huge_jpeg)
+    assert_one_line_naming(e.value, huge_jpeg)
+
+
+# --- issue 12 item 10: images sized for a Pi ------------------------------------------------------------
+
+
+def _png_header_only(path: Path, w: int, h: int, depth: int, colour_type: int) -> Path:
+    """A PNG that declares w x h (its pixel data empty): the size check must refuse it before decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("depth, colour_type", [(8, 2), (16, 2), (16, 0), (8, 3)], ids=["rgb8", "rgb16", "grey16", "palette"])
+@pytest.mark.parametrize("min_size", [None, 448])
+def test_a_10k_png_is_refused_in_one_line(tmp_path, depth, colour_type, min_size):
+    """A 292 KB 10k x 10k PNG peaked at 1.0 GB RSS (16-bit grey: 2.6 GB): PNGs cannot be decoded small."""
+    p = _png_header_only(tmp_path / "big.png", 10_000, 10_000, depth, colour_type)
+    with pytest.raises(ImageError, match="10000x10000 is too many pixels to decode safely on a Pi") as e:
+        load_image(p, min_size=min_size)
+    assert "at most 12.2 MP for a PNG decoded whole" in str(e.value)
+    assert_one_line_naming(e.value, p)
+
+
+def test_a_big_progressive_jpeg_is_refused_even_with_min_size(tmp_path):
+    """A progressive JPEG keeps all its coefficients however it is scaled (~9.5 bytes a pixel measured)."""
+    p = tmp_path / "prog.jpg"
+    Image.new("RGB", (4000, 3200), (210, 40, 30)).save(p, progressive=True, quality=80)
+    with pytest.raises(ImageError, match="at most 12.2 MP for a progressive JPEG decoded whole"):
+        load_image(p, min_size=448)
+
+
+def test_webp_has_its_own_lower_budget(tmp_path):
+    p = tmp_path / "big.webp"
+    Image.new("RGB", (3000, 2100), (210, 40, 30)).save(p, quality=50)
+    with pytest.raises(ImageError, match="at most 6 MP for a WEBP decoded whole"):
+        load_image(p, min_size=448)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "1", "I;16"])
+def test_big_non_jpeg_images_are_shrunk_before_conversion(tmp_path, mode):
+    """With min_size, a PNG is box-shrunk right after decoding (both sides stay >= min_size)."""
+    a = np.zeros((1000, 1200), np.uint16)
+    a[:, 600:] = 65535 if mode == "I;16" else 255
+    img = Image.fromarray(a) if mode == "I;16" else Image.fromarray(a.astype(np.uint8)).convert(mode)
+    p = tmp_path / "big.png"
+    img.save(p)
+    out = load_image(p, min_size=300)
+    assert out.shape[1:] == (400, 3) and out.shape[0] in (333, 334)  # factor 3 (Pillow keeps the partial row)
+    assert out[:, :190].max() == 0 and out[:, 210:].min() == 255  # dark stays dark, white stays white
 
 
 # --- arrays (camera frames) ------------------------------------------------------------------------------

@@ -183,3 +183,127 @@ def test_cli_help_comes_from_the_docstring():
     assert result.exit_code == 0
     assert "Sign a bundle's model card" in result.output
     assert "--key" in result.output
+
+
+# --- issue 12, items 1 and 2: verify the bytes that are used -------------------------------------------
+
+
+def _evil_card(bundle) -> bytes:
+    """The card with the poisonous green cap made edible: what an attacker would swap in."""
+    card = json.loads((bundle / "model.json").read_text())
+    card["classes"]["green_cap"]["edibility"] = "edible"
+    return json.dumps(card, indent=2).encode()
+
+
+def test_a_card_swapped_during_loads_is_never_served_as_signed(bundle, keys, tmp_path):
+    """A thread keeps swapping model.json between the signed card and an evil one while the device loads it:
+    every load either refuses or serves the signed card (the old code parsed one read and verified another)."""
+    import os
+    import threading
+
+    alice, _, allowed = keys
+    sign_bundle(bundle, alice)
+    good, evil = (bundle / "model.json").read_bytes(), _evil_card(bundle)
+    versions = [tmp_path / "good.json", tmp_path / "evil.json"]
+    versions[0].write_bytes(good)
+    versions[1].write_bytes(evil)
+    stop = threading.Event()
+
+    def swap():
+        i = 0
+        while not stop.is_set():
+            tmp = bundle / ".swap.json"
+            os.link(versions[i % 2], tmp)
+            os.replace(tmp, bundle / "model.json")  # atomic: each read sees one whole card
+            i += 1
+
+    from device.bundle import load_bundle
+
+    t = threading.Thread(target=swap, daemon=True)
+    t.start()
+    served = refused = 0
+    try:
+        for _ in range(120):
+            try:
+                b = load_bundle(bundle, require_signature=True, allowed_signers=allowed)
+            except SignatureError:
+                refused += 1
+                continue
+            served += 1
+            assert b.edibility("green_cap") == "poisonous", "an unsigned card was served as signed"
+    finally:
+        stop.set()
+        t.join()
+    assert served and refused  # the race really ran both ways
+
+
+def test_a_card_swapped_right_after_its_signature_check_is_not_what_is_parsed(bundle, keys, monkeypatch):
+    import device.signing as signing
+    from device.bundle import load_bundle
+
+    alice, _, allowed = keys
+    sign_bundle(bundle, alice)
+    evil = _evil_card(bundle)
+    real = signing.verify_card
+
+    def verify_then_swap(*args, **kwargs):
+        signer = real(*args, **kwargs)
+        (bundle / "model.json").write_bytes(evil)  # the attacker wins every race here
+        return signer
+
+    monkeypatch.setattr(signing, "verify_card", verify_then_swap)
+    b = load_bundle(bundle, require_signature=True, allowed_signers=allowed)
+    assert b.signer == "alice@lab" and b.edibility("green_cap") == "poisonous"
+
+
+def test_files_swapped_after_the_check_are_not_what_runs(bundle, keys, tmp_path):
+    """The engine, the unknown-species score and the self-test use the verified bytes, not the files again."""
+    from device.bundle import load_bundle
+    from device.classifier import Classifier
+    from device.selftest import require_samples_pass
+
+    alice, _, allowed = keys
+    sign_bundle(bundle, alice)
+    b = load_bundle(bundle, require_signature=True, allowed_signers=allowed)
+    (bundle / "model.tflite").write_bytes(b"swapped model")
+    (bundle / "ood.npz").write_bytes(b"swapped index")
+    for s in (bundle / "samples").iterdir():
+        s.write_bytes((bundle.parent / "bundle" / "samples" / "blue_cap.jpg").read_bytes())
+    clf = Classifier(b, backend="cpu")  # the old code re-opened model.tflite here: "cannot load it"
+    assert [c.got for c in require_samples_pass(b, clf)] == ["red_cap", "green_cap", "blue_cap"]
+
+
+def test_a_swapped_sample_in_a_signed_bundle_is_refused(bundle, keys):
+    from device.bundle import load_bundle
+
+    alice, _, allowed = keys
+    sign_bundle(bundle, alice)
+    (bundle / "samples" / "red_cap.jpg").write_bytes((bundle / "samples" / "blue_cap.jpg").read_bytes())
+    with pytest.raises(SignatureError, match="samples/red_cap.jpg: tampered") as e:
+        load_bundle(bundle, require_signature=True, allowed_signers=allowed)
+    assert "\n" not in str(e.value)
+
+
+def test_a_signed_card_that_does_not_list_its_samples_is_refused(bundle, keys):
+    """The old export's cards left samples out of `files`: the signature then did not cover them, and a
+    swapped sample passed the self-test."""
+    from device.bundle import load_bundle
+
+    alice, _, allowed = keys
+    card = json.loads((bundle / "model.json").read_text())
+    card["files"] = {k: v for k, v in card["files"].items() if not k.startswith("samples/")}
+    (bundle / "model.json").write_text(json.dumps(card))
+    sign_bundle(bundle, alice)
+    (bundle / "samples" / "red_cap.jpg").write_bytes((bundle / "samples" / "blue_cap.jpg").read_bytes())
+    with pytest.raises(BundleError, match=r"`samples\[0\].file` 'samples/red_cap.jpg' is not listed in `files`"):
+        load_bundle(bundle, require_signature=True, allowed_signers=allowed)
+
+
+def test_an_oversized_signature_is_refused_unread(bundle, keys):
+    from device.bundle import SIGNATURE_MAX_BYTES, load_bundle
+
+    _, _, allowed = keys
+    with open(bundle / "model.json.sig", "wb") as f:
+        f.truncate(SIGNATURE_MAX_BYTES + 1)
+    with pytest.raises(BundleError, match="over the .*-byte limit for a signature"):
+        load_bundle(bundle, require_signature=True, allowed_signers=allowed)

@@ -5,6 +5,7 @@
     mushcam-train export WORK --out BUNDLE        int8 TFLite + card, gated on accuracy loss
     mushcam-train evaluate BUNDLE DATA_DIR|WORK   the bundle through the device's own code path
     mushcam-train edgetpu BUNDLE                  optional: compile for a Coral Edge TPU
+    mushcam-train import-captures CAPTURES ...    field presses (deploy/collect.sh) -> folder-per-class photos
 
 TensorFlow is imported only by the commands that need it, so --help and prepare start quickly.
 """
@@ -20,7 +21,28 @@ from typing import Annotated, Iterator, Optional
 import typer
 
 from device.errors import MushcamError
-from train import console
+
+# What the `train` extra brings (pyproject.toml). Without it, say how to install it, not a traceback.
+TRAIN_EXTRA_MODULES = frozenset({"tensorflow", "keras", "imagehash", "matplotlib", "rich", "tf_keras", "h5py"})
+
+
+def _exit_without_train_extra(err: ModuleNotFoundError) -> None:
+    """Exit with one line naming the missing module and the fix, if it is one the train extra provides."""
+    missing = (err.name or "").split(".")[0]
+    if missing not in TRAIN_EXTRA_MODULES:
+        return
+    sys.stderr.write(
+        f"mushcam-train: error: {missing} is not installed; the training toolchain needs the train extra: "
+        "pip install -e '.[train]' in the checkout (on a workstation; the Pi never needs it)\n"
+    )
+    raise SystemExit(1)
+
+
+try:
+    from train import console
+except ModuleNotFoundError as _err:  # rich: imported here, before any command runs
+    _exit_without_train_extra(_err)
+    raise
 from train.hparams import HParams
 from train.sign import sign
 
@@ -64,6 +86,45 @@ def prepare(
     with _reported():
         manifest = dataset.prepare(data_dir, out, seed=seed, val=val, test=test, track=console.track)
         report.print_prepare(manifest, out)
+
+
+@app.command("import-captures")
+def import_captures(
+    captures: Annotated[Path, typer.Argument(help="Presses collected by deploy/collect.sh: CAPTURES/<host>/<press>/.",
+                                             exists=True, file_okay=False)],
+    labels: Annotated[Path, typer.Option(help="CSV with columns press,species[,taxon] (see docs/training.md).", dir_okay=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="DATA_DIR to write: <class>/<host>-<press>-frame_N.jpg + edibility.csv.")] = None,
+    base: Annotated[Optional[Path], typer.Option(help="Existing photo set (e.g. ../shared/data/mushrooms): its photos are linked into DATA_DIR, its edibility.csv copied.",
+                                                 exists=True, file_okay=False)] = None,
+    edibility: Annotated[Optional[Path], typer.Option(help="edibility.csv naming the classes (default: --base's, else DATA_DIR's).",
+                                                      exists=True, dir_okay=False)] = None,
+    other_out: Annotated[Optional[Path], typer.Option(help="Folder for presses labelled unknown: <taxon-slug>/ + species.csv (for prepare --other).")] = None,
+    template: Annotated[bool, typer.Option(help="Only write --labels: one row per collected press, species empty, to fill in.")] = False,
+) -> None:
+    """Turn labelled field presses into folder-per-class photos for prepare (presses labelled unknown go to --other-out)."""
+    from train import field
+
+    if template:
+        with _reported():
+            n = field.write_template(captures, labels)
+        console.out.print(f"{labels}: {n} press(es); fill in the species column (a class, unknown, or empty to skip)", markup=False)
+        return
+    if out is None:
+        sys.stderr.write("error: --out DATA_DIR is needed (or --template to write the labels file)\n")
+        raise typer.Exit(2)
+    with _reported():
+        s = field.import_captures(captures, labels, out, edibility=edibility, base=base, other_out=other_out)
+    for name, n in sorted(s.per_class.items()):
+        console.out.print(f"{name:<32} {n:>4} press(es)", markup=False)
+    console.out.print(f"{s.frames} frame(s) from {sum(s.per_class.values())} labelled press(es) into {out}"
+                      + (f" and {other_out}" if other_out and any(k.startswith('unknown/') for k in s.per_class) else "")
+                      + (f"; {s.linked} photo(s) of {base} linked" if base else ""), markup=False)
+    if s.unlabelled:
+        console.note(f"{len(s.unlabelled)} press(es) with an empty species skipped (not labelled yet)")
+    if s.not_in_csv:
+        console.note(f"{len(s.not_in_csv)} collected press(es) not in {labels} skipped, e.g. {s.not_in_csv[0]}")
+    if s.removed:
+        console.note(f"{s.removed} old copy(ies) of relabelled presses removed")
 
 
 @app.command()
@@ -312,7 +373,11 @@ app.command("sign")(sign)
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as err:  # TensorFlow, imagehash, ... are imported by the commands that need them
+        _exit_without_train_extra(err)
+        raise
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ What `prepare` does, in order:
    unsupported file is listed by path and skipped;
 2. hashes each image: sha256 of the file's bytes (exact duplicates) and a 64-bit perceptual hash
    (imagehash.phash of the decoded image) for near-duplicates (Hamming distance <= 4);
-3. unites exact and near duplicates into groups (union-find);
+3. unites exact and near duplicates into groups (union-find), and the frames of one device press
+   (`<host>-<press>-frame_N.*`, as `import-captures` names them): three views of one mushroom;
 4. drops every group that spans two classes (the same photo filed under two labels is label noise), and
    keeps one file of each set of byte-identical copies within a class (the copies add nothing);
 5. splits train/val/test by GROUP, stratified per class and seeded, so no photograph (or a re-crop of it)
@@ -26,6 +27,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -40,9 +42,12 @@ FORMAT = "mushcam-manifest/1"
 MANIFEST = "manifest.json"
 EDIBILITY_CSV = "edibility.csv"
 EDIBILITY = ("edible", "poisonous")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif"})
 SPLITS = ("train", "val", "test")
 NEAR_DUPLICATE_BITS = 4  # pHash Hamming distance treated as "the same photograph"
+# A frame of a field press (train/field.py names them): the press is one scene however far apart the
+# frames' hashes are, so it must sit wholly in one split (and calibration must not see its twin in train).
+PRESS_FRAME = re.compile(r"^(?P<press>.+)-frame_\d+$")
 MIN_IMAGES_PER_CLASS = 2
 
 Track = Callable[[Sequence, str], Iterable]
@@ -258,6 +263,11 @@ def group_duplicates(records: list[ImageRecord], max_bits: int = NEAR_DUPLICATE_
             uf.union(first_by_sha[r.sha256], i)
         else:
             first_by_sha[r.sha256] = i
+    first_by_press: dict[str, int] = {}
+    for i, r in enumerate(records):
+        m = PRESS_FRAME.match(Path(r.path).stem)
+        if m:
+            uf.union(first_by_press.setdefault(m["press"], i), i)
     hashes = np.array([int(r.phash, 16) for r in records], dtype=np.uint64)
     for i in range(n - 1):
         # One vectorised row of the pairwise Hamming matrix at a time: O(n^2) bit ops, no n x n array.

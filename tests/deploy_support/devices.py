@@ -2,7 +2,7 @@
 
 A device directory holds what a Pi keeps in /var/lib/mushcam/models and /run/mushcam, plus two
 commands flash.sh runs on it: `bin/systemctl` (the fake daemon, fake_systemctl.py) and `bin/mushcam`
-(the REAL `mushcam selftest`, i.e. `python -m device` from this checkout).
+(the REAL `mushcam release receive` and selftest, i.e. `python -m device` from this checkout).
 """
 
 from __future__ import annotations
