@@ -213,7 +213,7 @@ def evaluate(
     arch: Annotated[str, typer.Option(
         help="x86_64: on this machine. aarch64: also on the Pi's architecture, in the arm64 root of `make pi-check` "
              "(as root), with the per-photo differences and suggested margins; --record adds "
-             "metrics.<split>_aarch64 and metrics.arch_jitter.")] = "x86_64",
+             "metrics.arch_jitter, and metrics.<split>_aarch64 when SOURCE is the model's own WORK dir.")] = "x86_64",
     unseen: Annotated[Optional[Path], typer.Option(
         help="With --arch aarch64: a folder of species the model does not know (searched recursively), "
              "compared too.", exists=True, file_okay=False)] = None,
@@ -285,10 +285,23 @@ def _evaluate_aarch64(bundle: Path, source: Path, split: str, as_json: bool, rec
 
         write_json_atomic(rows_out, {"known": len(items), "x86_64": x86, "aarch64": arm})
     jit = ar.jitter(b, x86, arm, len(items))
-    jit["split"] = split
+    jit["source"] = where
+    jit["unseen_source"] = str(unseen) if unseen is not None else None
+    jit["figures"] = {a: {k: r[k] for k in ("n", "top1", "poisonous_as_edible_count", "edible_coverage", "unsure_rate")}
+                      for a, r in results.items()}
     if record:
-        ev.record_in_card(bundle, split, results["x86_64"])
-        ev.record_in_card(bundle, f"{split}_aarch64", results["aarch64"])
+        # metrics.<split> must describe photos the model never trained on: only when SOURCE is the very
+        # WORK dir the model was trained from (its manifest's sha256 is in the card).
+        from train.dataset import MANIFEST, sha256_of
+
+        trained = (b.card.get("training") or {}).get("manifest_sha256")
+        own = (Path(source) / MANIFEST).is_file() and sha256_of(Path(source) / MANIFEST) == trained
+        if own:
+            ev.record_in_card(bundle, split, results["x86_64"])
+            ev.record_in_card(bundle, f"{split}_aarch64", results["aarch64"])
+        else:
+            console.warn(f"{source} is not the WORK dir {b.name} was trained from (manifest sha256 differs): "
+                         f"recording only metrics.arch_jitter, not metrics.{split}/{split}_aarch64")
         card_path = Path(bundle) / "model.json"
         card = json.loads(card_path.read_text(encoding="utf-8"))
         card.setdefault("metrics", {})["arch_jitter"] = jit
