@@ -36,3 +36,18 @@ def test_bench_table_names_the_paths():
     for words in ("frame 640x480: preprocess", "press: 3 frames + render", "jpeg: classify", "invoke(), default",
                   "pipeline/invoke", "default/best threads"):
         assert words in out.stdout, words
+
+
+def test_numpy_blas_runs_one_thread_in_the_device_unless_told_otherwise():
+    # OpenBLAS threads fought the interpreter's: one BLAS thread took postprocess from 6.4 to 0.6 ms here.
+    import os
+    import subprocess
+    import sys
+
+    code = "import device, numpy, os; print(os.environ['OPENBLAS_NUM_THREADS'])"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "1"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "OPENBLAS_NUM_THREADS": "3"})
+    assert out.stdout.strip() == "3"
