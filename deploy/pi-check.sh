@@ -21,6 +21,10 @@ WORK=${PI_CHECK_WORK:-$REPO/work/pi-root}
 readonly MODEL=${MODEL:-models/mushcam-mnv2-7sp}
 readonly HOST_VENV=${HOST_VENV:-$REPO/.venv}
 readonly SUITE=bookworm
+# The CPU qemu emulates: the Pi 4's Cortex-A72 (PI_CPU=cortex-a76 for a Pi 5). qemu's default, "max",
+# has int8 dot-product and matrix instructions no Pi 4 has, and XNNPACK picks its int8 kernels (so its
+# rounding) by the features it finds.
+readonly PI_CPU=${PI_CPU:-cortex-a72}
 # python3-numpy: Raspberry Pi OS has apt's numpy 1.x (picamera2 depends on it), which install.sh's
 # venv sees through --system-site-packages; passwd: useradd for install.sh's user step.
 readonly INCLUDE=python3,python3-venv,python3-pip,python3-numpy,ca-certificates,passwd
@@ -74,7 +78,7 @@ in_root() {
 		binds+=("$(realpath -- "$2")")
 		shift 2
 	done
-	local env=(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8)
+	local env=(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "QEMU_CPU=$PI_CPU")
 	local v
 	for v in $(compgen -e); do
 		# pip's settings and proxies, as this machine uses them (but not its local wheel folders).
@@ -148,6 +152,8 @@ install_device() {
 		--skip "$(IFS=,; echo "${skip[*]}")" >"$WORK/install.log" 2>&1 ||
 		{ tail -n 20 "$WORK/install.log" >&2; die "deploy/install.sh failed in the arm64 root (log: $WORK/install.log)"; }
 	in_root /opt/mushcam/venv/bin/python -c 'import platform, numpy, PIL, ai_edge_litert; print(platform.machine(), "python", platform.python_version(), "numpy", numpy.__version__, "Pillow", PIL.__version__)'
+	# What the emulated CPU offers (asimddp = int8 dot product, i8mm: none on a Cortex-A72).
+	say "emulated CPU $PI_CPU: $(in_root /usr/bin/grep -m1 -i '^Features' /proc/cpuinfo || echo 'features unknown')"
 }
 
 ensure_root() {
