@@ -6,11 +6,13 @@ MODEL  ?= models/mushcam-mnv2-7sp
 SHARED ?= ../shared
 WORK   ?= work/shared-pool
 
-.PHONY: help demo test model loso check-shared clean
+.PHONY: help demo test pi-check model loso check-shared clean
 
 help:
 	@echo "make demo   classify the shipped sample photos with the shipped model (laptop mode, no hardware)"
-	@echo "make test   run the test suite (installs the training extra: TensorFlow, about 600 MB)"
+	@echo "make test   run the test suite (installs the training extra: TensorFlow, about 600 MB, and the"
+	@echo "            Debian packages the tests use: sshd, rsync, shellcheck, systemd, chromium, tmux)"
+	@echo "make pi-check  install and run the device in an emulated Debian 12 arm64 root; compare with x86 (root)"
 	@echo "make model  retrain the shipped model from $(SHARED)/data/mushrooms (about 6 min on 2 cores)"
 	@echo "make loso   leave-one-species-out safety figures for that recipe (about 25 min)"
 
@@ -30,8 +32,19 @@ demo: $(VENV)/.device
 	$(BIN)/mushcam run --once --camera fake:$(MODEL)/samples --model $(MODEL) --display-dir out/display
 	@echo "display frames: out/display/*.png"
 
-test: $(VENV)/.test
+# The Debian packages the tests use, installed with apt-get when missing (tests/system-deps.sh says how
+# when it cannot); checked again only when the script changes.
+$(VENV)/.system-deps: tests/system-deps.sh
+	bash tests/system-deps.sh
+	@mkdir -p $(VENV) && touch $@
+
+test: $(VENV)/.system-deps $(VENV)/.test
 	$(BIN)/python -m pytest -q
+
+# The device installed by deploy/install.sh into a Debian 12 arm64 root under qemu (work/pi-root, built
+# once: about 5 min), its self-test, and its verdicts on the shipped samples against this machine's.
+pi-check: $(VENV)/.device
+	bash deploy/pi-check.sh
 
 check-shared:
 	@test -d $(SHARED)/data/mushrooms || { echo "error: $(SHARED)/data/mushrooms not found; set SHARED=/path/to/shared"; exit 1; }

@@ -50,6 +50,7 @@ SAFETY_FLOORS = (
     ("poisonous_min_confidence", 0.5, "min", "a weaker poisonous guess must read UNSURE, not a species"),
     ("confidence_margin", 0.0, "min", "a margin only ever makes the device stricter"),
     ("ood_margin", 0.0, "min", "a margin only ever makes the device stricter"),
+    ("mass_margin", 0.0, "min", "a margin only ever makes the device stricter"),
 )
 # `ood_max_score` ceilings per score: at or past them the unknown-species check can no longer say no.
 # knn: 1 - mean cosine similarity; 1.0 means "as similar as an unrelated direction" (the shipped card: 0.35).
@@ -66,6 +67,13 @@ class Thresholds:
     poisonous_max_mass: float = 0.02
     poisonous_min_confidence: float = 0.5
     ood_max_score: float | None = None  # None: the bundle has no unknown-species score
+    # Safety bands towards UNSURE (device.verdict.decide): a verdict needs its figures this far past the
+    # calibrated threshold, the measured cross-architecture jitter (x86-64 vs aarch64 int8 arithmetic),
+    # so that no CPU computes a verdict the other would not. Export writes them; 0 for older cards.
+    confidence_margin: float = 0.0
+    ood_margin: float = 0.0
+    # EDIBLE also needs the poisonous mass this far under poisonous_max_mass: the CPUs' mass differs too.
+    mass_margin: float = 0.0
 
     @classmethod
     def from_dict(cls, d: Any) -> "Thresholds":
@@ -83,7 +91,9 @@ class Thresholds:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise BundleError(f"model.json: `thresholds.{name}` must be a number, got {v!r}")
-            if name != "ood_max_score" and not 0.0 <= v <= 1.0:
+            if name == "ood_margin" and v < 0:
+                raise BundleError(f"model.json: `thresholds.ood_margin` = {v} must be >= 0 (a margin only makes verdicts stricter)")
+            if name not in ("ood_max_score", "ood_margin") and not 0.0 <= v <= 1.0:
                 raise BundleError(f"model.json: `thresholds.{name}` = {v} is outside 0..1")
             if name == "ood_max_score" and v <= 0:
                 raise BundleError(f"model.json: `thresholds.ood_max_score` = {v} must be > 0")

@@ -130,7 +130,10 @@ def classify(
     model: ModelOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per input per line.")] = False,
     engine: Annotated[str, typer.Option(help="Inference engine: auto, cpu or edgetpu.")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for the interpreter.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for the interpreter (default: one per core).")] = None,
+    probs: Annotated[
+        bool, typer.Option("--probs", help="With --json: every label's probability and the figures unrounded.")
+    ] = False,
 ) -> None:
     """Classify photos and print a verdict for each. Exit 0 if all were classified, 1 if some failed."""
     from device.bundle import load_bundle
@@ -155,13 +158,18 @@ def classify(
             continue
         name = bundle.display_name(r.label) if r.label else "-"
         if as_json:
-            typer.echo(json.dumps({
+            row = {
                 "path": str(f), "label": r.label, "display_name": name, "confidence": round(r.confidence, 4),
                 "verdict": r.verdict, "reason": r.decision.reason,
                 "ood_score": None if r.ood_score is None else round(r.ood_score, 3),
                 "runner_up": _labelled(bundle, r.runner_up),
                 "latency_ms": round(r.latency_ms, 2),
-            }))
+            }
+            if probs:
+                # Exact figures, for comparing two machines (deploy/pi-check.sh, evaluate --arch aarch64).
+                row.update(confidence=r.confidence, ood_score=r.ood_score, poisonous_mass=r.decision.poisonous_mass,
+                           probs={lab: float(p) for lab, p in zip(bundle.labels, r.probs)})
+            typer.echo(json.dumps(row))
         else:
             typer.echo(f"{r.verdict:<9}  {r.confidence:6.1%}  {name:<24}  {f}  ({r.decision.reason})")
     if not as_json:

@@ -52,7 +52,7 @@ class Config:
     camera: str = "picamera2"
     camera_jitter: bool = True  # fake camera only: the frames of one press differ slightly, as a real camera's do
     engine: str = "auto"
-    threads: int = 0  # 0: the runtime's default
+    threads: int = 0  # 0: one interpreter thread per core (device.engine.default_threads)
     frames_per_press: int = 3
     status_file: str = "/run/mushcam/status.json"
     require_signature: bool = False

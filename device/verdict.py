@@ -6,6 +6,12 @@ unknown-species score within `ood_max_score`. POISONOUS needs a poisonous top la
 `poisonous_min_confidence` and a familiar-looking image (a poisonous guess on something unlike the training
 data is UNSURE: it is still a guess). Everything else, including any malformed input, is UNSURE: no path of doubt
 or error ends in EDIBLE.
+
+The thresholds' margins (`confidence_margin`, `ood_margin`, `mass_margin`) move the verdicts' bars towards UNSURE:
+confidence must reach the threshold plus the margin, the unknown-species score (and, for EDIBLE, the poisonous
+mass) stay the margin below its limit. They are
+the measured difference between CPUs, so a figure inside the band, which another CPU might put on the other side
+of the threshold, gives UNSURE on every CPU.
 """
 
 from __future__ import annotations
@@ -78,20 +84,20 @@ def decide(
     if thresholds.ood_max_score is not None:
         if ood_score is None or not math.isfinite(ood_score):
             ood_ok, ood_note = False, "no unknown-species score"
-        elif ood_score > thresholds.ood_max_score:
+        elif ood_score > thresholds.ood_max_score - thresholds.ood_margin:
             ood_ok, ood_note = False, "unlike the species the model was trained on"
     if not poisonous[top]:
         if not ood_ok:
             return _unsure(ood_note, label, conf, mass, ood_score)
-        if conf < thresholds.edible_min_confidence:
+        if conf < thresholds.edible_min_confidence + thresholds.confidence_margin:
             return _unsure("not confident enough to call it edible", label, conf, mass, ood_score)
-        if mass > thresholds.poisonous_max_mass:
+        if mass > thresholds.poisonous_max_mass - thresholds.mass_margin:
             return _unsure("a poisonous look-alike is too likely", label, conf, mass, ood_score)
         return Decision(Verdict.EDIBLE, label, conf, mass, ood_score, "edible species, confident")
     if not ood_ok:
         # A poisonous top label on something unlike the training data is still a guess: say so, never EDIBLE.
         return _unsure(ood_note, label, conf, mass, ood_score)
-    if conf >= thresholds.poisonous_min_confidence:
+    if conf >= thresholds.poisonous_min_confidence + thresholds.confidence_margin:
         return Decision(Verdict.POISONOUS, label, conf, mass, ood_score, "poisonous species")
     return _unsure("no species is clearly ahead", label, conf, mass, ood_score)
 

@@ -82,6 +82,23 @@ def test_classify_json(tiny_bundle):
     assert r.stderr == ""  # --json output is for machines: no disclaimer mixed in
 
 
+def test_classify_json_probs_are_exact(tiny_bundle):
+    from device.bundle import load_bundle
+    from device.classifier import Classifier
+
+    r = classify(tiny_bundle, "--json", "--probs", tiny_bundle / "samples")
+    assert r.exit_code == 0, r.output
+    bundle = load_bundle(tiny_bundle)
+    clf = Classifier(bundle, backend="cpu")
+    for row in json_lines(r):
+        assert set(row) == JSON_KEYS | {"probs", "poisonous_mass"}
+        want = clf.classify(Path(row["path"]))
+        # Unrounded: what the in-process classifier gives, to the last bit (a cross-machine diff needs it).
+        assert row["confidence"] == want.confidence and row["ood_score"] == want.ood_score
+        assert list(row["probs"]) == bundle.labels and row["probs"] == dict(zip(bundle.labels, map(float, want.probs)))
+        assert row["poisonous_mass"] == want.decision.poisonous_mass
+
+
 def test_classify_folders_recursively(tiny_bundle, make_image, tmp_path):
     make_image("photos/a_red.jpg", "red")
     make_image("photos/day2/b_blue.PNG", "blue")
@@ -243,7 +260,8 @@ def test_selftest_passes(tiny_bundle):
     first, thresholds = r.stdout.strip().splitlines()
     assert first == "selftest ok: tiny-colours 0.0.1, 3/3 samples"
     assert thresholds == ("thresholds in effect: edible_min_confidence=0.9, poisonous_max_mass=0.05, "
-                          "poisonous_min_confidence=0.5, ood_max_score=6.0")
+                          "poisonous_min_confidence=0.5, ood_max_score=6.0, confidence_margin=0.0, ood_margin=0.0, "
+                          "mass_margin=0.0")
 
 
 def test_selftest_fails_on_a_wrong_sample_label(bundle_copy, edit_card, tree_state):

@@ -192,9 +192,36 @@ def test_classifier_reuses_a_given_engine(bundle):
 
 
 def test_threads_zero_means_the_runtime_default(bundle, rgb_array):
-    # config.toml documents `threads = 0` as "the runtime's default": it must not be refused as a broken bundle.
+    # config.toml documents `threads = 0` as "one per core": it must not be refused as a broken bundle.
     engine = load_engine(bundle, "cpu", threads=0)
     assert Classifier(bundle, engine=engine).classify(rgb_array("red")).verdict == "EDIBLE"
+
+
+@pytest.mark.parametrize("threads,cores,want", [(None, 4, 4), (0, 4, 4), (0, 1, 1), (3, 4, 3), (1, 4, 1)])
+def test_the_default_uses_every_core_and_a_number_pins_it(bundle, monkeypatch, threads, cores, want):
+    # LiteRT's own default is one thread; a 4-core Pi would run at a third of its speed.
+    import device.engine as eng
+
+    real = eng._runtime()
+    seen = []
+
+    class Runtime:
+        def Interpreter(self, **kw):
+            seen.append(kw["num_threads"])
+            return real.Interpreter(**kw)
+
+    monkeypatch.setattr(eng, "_runtime", lambda: Runtime())
+    monkeypatch.setattr(eng.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    load_engine(bundle, "cpu", threads=threads)
+    assert seen == [want]
+
+
+def test_default_threads_falls_back_to_cpu_count(monkeypatch):
+    import device.engine as eng
+
+    monkeypatch.delattr(eng.os, "sched_getaffinity")
+    monkeypatch.setattr(eng.os, "cpu_count", lambda: None)
+    assert eng.default_threads() == 1
 
 
 def test_negative_threads_is_a_config_error_not_a_bundle_error(bundle):

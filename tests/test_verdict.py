@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -131,6 +132,85 @@ def test_decision_to_dict_and_str():
     assert str(Verdict.UNSURE) == "UNSURE" and Verdict("POISONOUS") is Verdict.POISONOUS
 
 
+# --- cross-architecture margins ------------------------------------------------------------------------
+
+TM = replace(T, confidence_margin=0.05, ood_margin=0.5)
+
+
+def test_margins_default_to_zero():
+    assert (Thresholds().confidence_margin, Thresholds().ood_margin, Thresholds().mass_margin) == (0.0, 0.0, 0.0)
+    assert Thresholds.from_dict({"edible_min_confidence": 0.9}).confidence_margin == 0.0
+
+
+def test_edible_needs_threshold_plus_margin():
+    assert verdict([0.951, 0.01, 0.039, 0.0], TM) is Verdict.EDIBLE  # just past 0.9 + 0.05
+    d = decide([0.94, 0.01, 0.05, 0.0], LABELS, CLASSES, TM, 1.0)
+    assert d.verdict is Verdict.UNSURE and "confident" in d.reason
+    assert verdict([0.94, 0.01, 0.05, 0.0], T) is Verdict.EDIBLE  # the same photo without the band
+
+
+def test_ood_needs_margin_below_its_limit():
+    assert verdict(CONFIDENT_EDIBLE, TM, ood=2.5) is Verdict.EDIBLE  # exactly 3.0 - 0.5
+    assert verdict(CONFIDENT_EDIBLE, TM, ood=math.nextafter(2.5, 3.0)) is Verdict.UNSURE
+    assert verdict(CONFIDENT_EDIBLE, T, ood=2.9) is Verdict.EDIBLE
+    # The same band for a poisonous answer: inside it, the picture may be unfamiliar on another CPU.
+    assert verdict([0.0, 0.9, 0.0, 0.1], TM, ood=2.9) is Verdict.UNSURE
+    assert verdict([0.0, 0.9, 0.0, 0.1], TM, ood=2.5) is Verdict.POISONOUS
+
+
+def test_edible_needs_the_mass_margin_below_its_limit():
+    tm = replace(T, mass_margin=0.02)  # T allows 0.05 poisonous mass
+    assert verdict([0.95, 0.02, 0.02, 0.01], tm) is Verdict.EDIBLE  # 0.03 = 0.05 - 0.02
+    d = decide([0.95, 0.02, 0.01, 0.02], LABELS, CLASSES, tm, 1.0)  # 0.04
+    assert d.verdict is Verdict.UNSURE and "look-alike" in d.reason
+    assert verdict([0.95, 0.02, 0.01, 0.02], T) is Verdict.EDIBLE
+    # It has no say on a poisonous answer (a large poisonous mass is what POISONOUS means).
+    assert verdict([0.0, 0.9, 0.0, 0.1], replace(T, mass_margin=0.05)) is Verdict.POISONOUS
+
+
+def test_poisonous_needs_threshold_plus_margin():
+    assert verdict([0.2, 0.551, 0.2, 0.049], TM) is Verdict.POISONOUS  # just past 0.5 + 0.05
+    assert verdict([0.2, 0.54, 0.21, 0.05], TM) is Verdict.UNSURE
+    assert verdict([0.2, 0.54, 0.21, 0.05], T) is Verdict.POISONOUS
+
+
+@pytest.mark.parametrize("dconf", [-0.049, -0.02, 0.0, 0.02, 0.049])
+@pytest.mark.parametrize("dood", [-0.5, 0.0, 0.5])
+def test_a_verdict_inside_the_margins_holds_on_the_other_cpu(dconf, dood):
+    # A photo EDIBLE (or POISONOUS) on one CPU with the margins stays so at the raw thresholds on any CPU
+    # whose figures differ by at most the margins: the bands absorb the jitter.
+    for probs, ood, want in (([0.951, 0.0, 0.049, 0.0], 2.49, Verdict.EDIBLE),
+                             ([0.0, 0.56, 0.0, 0.44], 2.49, Verdict.POISONOUS)):
+        assert verdict(probs, TM, ood=ood) is want
+        top = int(np.argmax(probs))
+        other = list(probs)
+        other[top] += dconf
+        other[2 if want is Verdict.EDIBLE else 3] -= dconf
+        assert verdict(other, T, ood=ood + dood) is want
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("confidence_margin", -0.01, "outside 0..1"),
+    ("confidence_margin", 1.5, "outside 0..1"),
+    ("confidence_margin", True, "must be a number"),
+    ("ood_margin", -0.1, ">= 0"),
+    ("ood_margin", float("inf"), "must be a number"),
+    ("ood_margin", "0.1", "must be a number"),
+    ("mass_margin", -0.01, "outside 0..1"),
+    ("mass_margin", 2, "outside 0..1"),
+])
+def test_bad_margins_are_refused(key, value, message):
+    from device.errors import BundleError
+
+    with pytest.raises(BundleError, match=message):
+        Thresholds.from_dict({key: value})
+
+
+def test_margins_are_read_from_the_card():
+    t = Thresholds.from_dict({"ood_max_score": 3.0, "confidence_margin": 0.04, "ood_margin": 0.02})
+    assert (t.confidence_margin, t.ood_margin) == (0.04, 0.02)
+
+
 # --- property test: the policy against an independent statement of it ----------------------------------
 
 
@@ -149,12 +229,16 @@ def _random_case(rng):
         p[rng.integers(n)] += 1 - p.sum()
     ood_thr = None if rng.random() < 0.3 else float(rng.uniform(0.5, 5))
     t = Thresholds(float(rng.uniform(0.5, 1.0)), float(rng.uniform(0, 0.2)), float(rng.uniform(0.3, 0.9)), ood_thr)
+    if rng.random() < 0.4:  # the cross-architecture margins, sometimes large
+        t = replace(t, confidence_margin=float(rng.uniform(0, 0.3)), ood_margin=float(rng.uniform(0, 1.0)),
+                    mass_margin=float(rng.uniform(0, 0.1)))
     r = rng.random()
     ood = None if r < 0.1 else float("nan") if r < 0.15 else float(rng.uniform(0, 6))
     # Sometimes put a threshold exactly on the case's own figure, to test the boundaries at random too.
     top = int(np.argmax(p))
     if rng.random() < 0.1:
-        t = Thresholds(float(p[top]), t.poisonous_max_mass, float(p[top]), t.ood_max_score)
+        t = replace(t, edible_min_confidence=float(p[top]) - t.confidence_margin,
+                    poisonous_min_confidence=float(p[top]) - t.confidence_margin)
     valid = True
     r = rng.random()
     if r < 0.03:
@@ -186,10 +270,12 @@ def _expected(p, labels, classes, t, ood, valid, edible) -> Verdict:
     top = int(np.argmax(p))
     conf = p[top]
     mass = sum(p[i] for i in range(len(labels)) if not edible[i])
-    ood_ok = t.ood_max_score is None or (ood is not None and math.isfinite(ood) and ood <= t.ood_max_score)
-    if edible[top] and ood_ok and conf >= t.edible_min_confidence and mass <= t.poisonous_max_mass:
+    ood_ok = t.ood_max_score is None or (
+        ood is not None and math.isfinite(ood) and ood <= t.ood_max_score - t.ood_margin)
+    if edible[top] and ood_ok and conf >= t.edible_min_confidence + t.confidence_margin and \
+            mass <= t.poisonous_max_mass - t.mass_margin:
         return Verdict.EDIBLE
-    if not edible[top] and ood_ok and conf >= t.poisonous_min_confidence:
+    if not edible[top] and ood_ok and conf >= t.poisonous_min_confidence + t.confidence_margin:
         return Verdict.POISONOUS
     return Verdict.UNSURE
 
@@ -208,10 +294,15 @@ def test_policy_on_thousands_of_random_cases():
             assert abs(q.sum() - 1) <= 1e-3
             top = int(np.argmax(q))
             assert classes[labels[top]].edibility == "edible"
-            assert q[top] >= t.edible_min_confidence
-            assert sum(q[i] for i, lab in enumerate(labels) if classes[lab].edibility != "edible") <= t.poisonous_max_mass
+            assert q[top] >= t.edible_min_confidence + t.confidence_margin
+            assert sum(q[i] for i, lab in enumerate(labels) if classes[lab].edibility != "edible") <= \
+                t.poisonous_max_mass - t.mass_margin
             if t.ood_max_score is not None:
-                assert ood is not None and math.isfinite(ood) and ood <= t.ood_max_score
+                assert ood is not None and math.isfinite(ood) and ood <= t.ood_max_score - t.ood_margin
+        # Margins only ever move a verdict to UNSURE: the same case without them gives this verdict or
+        # a bolder one, never the reverse (in particular no margin turns anything into EDIBLE).
+        bare = decide(p, labels, classes, replace(t, confidence_margin=0.0, ood_margin=0.0, mass_margin=0.0), ood).verdict
+        assert d.verdict in (bare, Verdict.UNSURE), (p, labels, t, ood, d, bare)
         assert d.verdict is _expected(p, labels, classes, t, ood, valid, edible), (p, labels, t, ood, d)
     # The loop reached every outcome often enough to mean something.
     assert min(seen.values()) > 1000, seen

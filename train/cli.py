@@ -210,6 +210,17 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (and nothing else) on stdout.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Write report.md and plots into this folder.")] = None,
     record: Annotated[bool, typer.Option("--record", help="Also store the figures in BUNDLE's model.json as metrics.<split>.")] = False,
+    arch: Annotated[str, typer.Option(
+        help="x86_64: on this machine. aarch64: also on the Pi's architecture, in the arm64 root of `make pi-check` "
+             "(as root), with the per-photo differences and suggested margins; --record adds "
+             "metrics.arch_jitter, and metrics.<split>_aarch64 when SOURCE is the model's own WORK dir.")] = "x86_64",
+    unseen: Annotated[Optional[Path], typer.Option(
+        help="With --arch aarch64: a folder of species the model does not know (searched recursively), "
+             "compared too.", exists=True, file_okay=False)] = None,
+    unseen_limit: Annotated[int, typer.Option(min=1, help="At most this many --unseen photos (evenly spaced).")] = 300,
+    rows: Annotated[Optional[Path], typer.Option(
+        help="With --arch aarch64: also write every photo's result on both architectures here (JSON).",
+        dir_okay=False)] = None,
 ) -> None:
     """Run BUNDLE through the device's classifier on photos: top-1, per class, and the safety table."""
     import json
@@ -219,6 +230,14 @@ def evaluate(
     with _reported():
         if split not in ("train", "val", "test"):
             raise typer.BadParameter(f"{split!r} is not one of train, val, test", param_hint="--split")
+        if arch not in ("x86_64", "aarch64"):
+            raise typer.BadParameter(f"{arch!r} is not one of x86_64, aarch64", param_hint="--arch")
+        if (unseen is not None or rows is not None) and arch != "aarch64":
+            raise typer.BadParameter("--unseen and --rows are for comparing architectures: add --arch aarch64",
+                                     param_hint="--unseen/--rows")
+        if arch == "aarch64":
+            _evaluate_aarch64(bundle, source, split, as_json, record, unseen, unseen_limit, rows)
+            return
         result = ev.evaluate(bundle, source, split, threads=os.cpu_count())
         if report is not None:
             path = ev.write_report(result, report)
@@ -231,6 +250,74 @@ def evaluate(
             sys.stdout.write(json.dumps(ev.public(result), indent=2) + "\n")
         else:
             ev.print_result(result)
+
+
+def _evaluate_aarch64(bundle: Path, source: Path, split: str, as_json: bool, record: bool, unseen: Path | None,
+                      unseen_limit: int, rows_out: Path | None = None) -> None:
+    """evaluate --arch aarch64: the same photos on both architectures, their figures and differences."""
+    import json
+    import time
+
+    from device.bundle import load_bundle
+    from train import arch as ar
+    from train import evaluate as ev
+    from train.dataset import IMAGE_SUFFIXES
+
+    b = load_bundle(bundle)
+    items, where = ev.collect(source, list(b.labels), split)
+    extra: list[Path] = []
+    if unseen is not None:
+        every = sorted(p for p in unseen.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if every:
+            step = max(1, len(every) // unseen_limit)
+            extra = every[::step][:unseen_limit]
+    paths = [p for p, _ in items] + extra
+    t0 = time.perf_counter()
+    x86 = ev.classify_rows(b, paths, threads=os.cpu_count())
+    t1 = time.perf_counter()
+    console.note(f"classifying {len(paths)} photos in the arm64 root (emulated: slow)")
+    arm = ar.classify_in_pi_root(bundle, paths)
+    t2 = time.perf_counter()
+    results = {"x86_64": ev.summarize(b, items, x86[:len(items)], where, t1 - t0),
+               "aarch64": ev.summarize(b, items, arm[:len(items)], where + ", aarch64 (emulated)", t2 - t1)}
+    if rows_out is not None:
+        from device.bundle import write_json_atomic
+
+        write_json_atomic(rows_out, {"known": len(items), "x86_64": x86, "aarch64": arm})
+    jit = ar.jitter(b, x86, arm, len(items))
+    jit["source"] = where
+    jit["unseen_source"] = str(unseen) if unseen is not None else None
+    jit["figures"] = {a: {k: r[k] for k in ("n", "top1", "poisonous_as_edible_count", "edible_coverage", "unsure_rate")}
+                      for a, r in results.items()}
+    if record:
+        # metrics.<split> must describe photos the model never trained on: only when SOURCE is the very
+        # WORK dir the model was trained from (its manifest's sha256 is in the card).
+        from train.dataset import MANIFEST, sha256_of
+
+        trained = (b.card.get("training") or {}).get("manifest_sha256")
+        own = (Path(source) / MANIFEST).is_file() and sha256_of(Path(source) / MANIFEST) == trained
+        if own:
+            ev.record_in_card(bundle, split, results["x86_64"])
+            ev.record_in_card(bundle, f"{split}_aarch64", results["aarch64"])
+        else:
+            console.warn(f"{source} is not the WORK dir {b.name} was trained from (manifest sha256 differs): "
+                         f"recording only metrics.arch_jitter, not metrics.{split}/{split}_aarch64")
+        card_path = Path(bundle) / "model.json"
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        card.setdefault("metrics", {})["arch_jitter"] = jit
+        from device.bundle import write_card
+
+        write_card(Path(bundle), card)
+        if (Path(bundle) / "model.json.sig").exists():
+            console.warn("model.json changed, so model.json.sig no longer matches: sign the bundle again")
+    if as_json:
+        sys.stdout.write(json.dumps({"x86_64": ev.public(results["x86_64"]), "aarch64": ev.public(results["aarch64"]),
+                                     "arch_jitter": jit}, indent=2) + "\n")
+        return
+    for name, result in results.items():
+        console.out.print(f"--- {name}")
+        ev.print_result(result)
+    console.out.print(ar.format_jitter(jit))
 
 
 @app.command()

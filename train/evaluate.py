@@ -72,29 +72,59 @@ def per_class_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str])
     return out
 
 
-def evaluate(bundle_path: Path, source: Path, split: str = "test", threads: int | None = None) -> dict:
-    """Classify every photo of `source` with the bundle on the device's code path; return the figures."""
-    from device.bundle import write_card, load_bundle
+def classify_rows(bundle, paths: list[Path], threads: int | None = None) -> list[dict]:
+    """Each photo through device.classifier on this machine, as the rows `mushcam classify --json --probs`
+    prints (an undecodable photo is a row with `error`)."""
     from device.classifier import Classifier
+
+    classifier = Classifier(bundle, backend="cpu", threads=threads)
+    rows = []
+    for path in console.track(paths, "evaluating (device)"):
+        try:
+            r = classifier.classify(path)
+        except ImageError as e:
+            rows.append({"path": str(path), "error": str(e)})
+            continue
+        rows.append({"path": str(path), "label": r.label, "confidence": r.confidence,
+                     "verdict": str(getattr(r.decision.verdict, "value", r.decision.verdict)),
+                     "ood_score": r.ood_score, "poisonous_mass": r.decision.poisonous_mass,
+                     "probs": {lab: float(p) for lab, p in zip(bundle.labels, r.probs)}, "latency_ms": r.latency_ms})
+    return rows
+
+
+def evaluate(bundle_path: Path, source: Path, split: str = "test", threads: int | None = None,
+             rows: list[dict] | None = None) -> dict:
+    """Classify every photo of `source` with the bundle on the device's code path; return the figures.
+
+    `rows`: per-photo results already computed elsewhere (e.g. in the arm64 root), in `collect`'s order.
+    """
+    from device.bundle import load_bundle
 
     bundle = load_bundle(bundle_path)
     labels = list(bundle.labels)
     items, where = collect(source, labels, split)
-    classifier = Classifier(bundle, backend="cpu", threads=threads)
-    y_true, y_pred, verdicts, confidences, oods, latencies, skipped = [], [], [], [], [], [], []
     t0 = time.perf_counter()
-    for path, label in console.track(items, "evaluating (device)"):
-        try:
-            result = classifier.classify(path)
-        except ImageError as e:
-            skipped.append({"path": str(path), "reason": str(e)})
+    if rows is None:
+        rows = classify_rows(bundle, [p for p, _ in items], threads)
+    return summarize(bundle, items, rows, where, time.perf_counter() - t0)
+
+
+def summarize(bundle, items: list[tuple[Path, str]], rows: list[dict], where: str, seconds: float) -> dict:
+    """The figures of per-photo rows against their true labels."""
+    labels = list(bundle.labels)
+    if len(rows) != len(items):
+        raise DataError(f"{where}: {len(rows)} results for {len(items)} photos")
+    y_true, y_pred, verdicts, confidences, oods, latencies, skipped = [], [], [], [], [], [], []
+    for (path, label), row in zip(items, rows):
+        if "error" in row:
+            skipped.append({"path": str(path), "reason": row["error"]})
             continue
         y_true.append(labels.index(label))
-        y_pred.append(int(np.argmax(result.probs)))
-        verdicts.append(str(getattr(result.decision.verdict, "value", result.decision.verdict)))
-        confidences.append(float(np.max(result.probs)))
-        oods.append(result.ood_score)
-        latencies.append(result.latency_ms)
+        y_pred.append(labels.index(row["label"]))
+        verdicts.append(row["verdict"])
+        confidences.append(float(row["confidence"]))
+        oods.append(row["ood_score"])
+        latencies.append(row["latency_ms"])
     if not y_true:
         raise DataError(f"{where}: no photo could be decoded")
     yt, yp = np.array(y_true), np.array(y_pred)
@@ -122,7 +152,7 @@ def evaluate(bundle_path: Path, source: Path, split: str = "test", threads: int 
         "per_class": per_class_metrics(yt, yp, labels),
         "confusion": {"labels": labels, "matrix": confusion.tolist()},
         "latency_ms": {"mean": float(np.mean(latencies)), "p95": float(np.percentile(latencies, 95))},
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "thresholds": dict(bundle.card.get("thresholds") or {}),
         "skipped": skipped,
         "_records": {"y_true": yt.tolist(), "y_pred": yp.tolist(), "verdicts": verdicts,
