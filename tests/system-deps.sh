@@ -15,13 +15,15 @@ set -euo pipefail
 
 # Package -> a command it provides. sshd, rsync, ssh-keygen: the deploy tests open a real SSH
 # connection on 127.0.0.1; shellcheck: deploy/*.sh; systemd-analyze: `verify` of the unit;
-# chromium and tmux: the laptop-mode helper's tests; the rest: deploy/pi-check.sh.
+# chromium and tmux: the laptop-mode tests (review page, Enter); python3-seccomp: the unit's
+# SystemCallFilter= applied to the real daemon (tests/deploy_support/syscall_filter.py); the rest:
+# deploy/pi-check.sh.
 declare -A PROVIDES=(
 	[openssh-server]=sshd [openssh-client]=ssh-keygen [rsync]=rsync [shellcheck]=shellcheck
 	[systemd]=systemd-analyze [chromium]=chromium [tmux]=tmux
 	[mmdebstrap]=mmdebstrap [qemu-user-static]=qemu-aarch64-static [binfmt-support]=update-binfmts [arch-test]=arch-test
 )
-readonly TEST_PACKAGES=(openssh-server openssh-client rsync shellcheck systemd chromium tmux)
+readonly TEST_PACKAGES=(openssh-server openssh-client rsync shellcheck systemd chromium tmux python3-seccomp)
 # Where sshd and update-binfmts live; not always on a user's PATH. Overridable for the tests.
 readonly SBIN_DIRS=${MUSHCAM_SBIN_DIRS-/usr/sbin:/sbin}
 
