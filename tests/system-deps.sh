@@ -24,8 +24,13 @@ declare -A PROVIDES=(
 	[mmdebstrap]=mmdebstrap [qemu-user-static]=qemu-aarch64-static [binfmt-support]=update-binfmts [arch-test]=arch-test
 )
 readonly TEST_PACKAGES=(openssh-server openssh-client rsync shellcheck systemd chromium tmux python3-seccomp)
-# Where sshd and update-binfmts live; not always on a user's PATH. Overridable for the tests.
+# Package -> a Python module it provides to Debian's own python3 (a venv's or pyenv's python3 on PATH
+# would not see it).
+declare -A MODULES=([python3-seccomp]=seccomp)
+# Where sshd and update-binfmts live; not always on a user's PATH. Overridable for the tests, as is the
+# system Python the modules are looked for in.
 readonly SBIN_DIRS=${MUSHCAM_SBIN_DIRS-/usr/sbin:/sbin}
+readonly SYSTEM_PYTHON=${MUSHCAM_SYSTEM_PYTHON:-/usr/bin/python3}
 
 CHECK=0
 if [[ ${1:-} == --check ]]; then
@@ -39,8 +44,10 @@ else
 fi
 
 present() {
-	local pkg=$1 cmd=${PROVIDES[$1]:-}
-	if [[ -n $cmd ]]; then
+	local pkg=$1 cmd=${PROVIDES[$1]:-} module=${MODULES[$1]:-}
+	if [[ -n $module ]]; then
+		"$SYSTEM_PYTHON" -c "import $module" >/dev/null 2>&1
+	elif [[ -n $cmd ]]; then
 		PATH=$PATH${SBIN_DIRS:+:$SBIN_DIRS} command -v "$cmd" >/dev/null
 	else
 		[[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == "install ok installed" ]]

@@ -6,6 +6,7 @@ command the script looks for.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,7 +14,9 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parent / "system-deps.sh"
 TOOLS = {"openssh-server": "sshd", "openssh-client": "ssh-keygen", "rsync": "rsync", "shellcheck": "shellcheck",
-         "systemd": "systemd-analyze", "chromium": "chromium", "tmux": "tmux"}
+         "systemd": "systemd-analyze", "chromium": "chromium", "tmux": "tmux",
+         # a module, not a command: looked for by "$MUSHCAM_SYSTEM_PYTHON -c 'import seccomp'", here a fake
+         "python3-seccomp": "python3"}
 
 
 def _exe(path: Path, body: str) -> None:
@@ -34,6 +37,8 @@ def fakebin(tmp_path):
     _exe(b / "apt-get", f'echo "apt-get $*" >>{log}; declare -A t=({tools}); '
                         f'for a in "$@"; do [[ -n ${{t[$a]:-}} ]] && printf "#!/bin/bash\\n" >{b}/${{t[$a]}} && chmod +x {b}/${{t[$a]}}; done; exit 0')
     _exe(b / "env", 'while [[ $1 == *=* ]]; do export "$1"; shift; done; "$@"')
+    # The real chmod, so an "installed" fake is executable (the fake python3 must run, not just be found).
+    (b / "chmod").symlink_to(shutil.which("chmod"))
     return b, log
 
 
@@ -43,7 +48,7 @@ def run(fakebin, *args, uid=1000, sudo=False, have=(), apt=True):
         _exe(b / TOOLS[pkg], "")
     if not apt:
         (b / "apt-get").unlink(missing_ok=True)
-    env = {"PATH": str(b), "MUSHCAM_SBIN_DIRS": "", "FAKE_UID": str(uid), "FAKE_SUDO": "1" if sudo else "0"}
+    env = {"PATH": str(b), "MUSHCAM_SBIN_DIRS": "", "MUSHCAM_SYSTEM_PYTHON": "python3", "FAKE_UID": str(uid), "FAKE_SUDO": "1" if sudo else "0"}
     r = subprocess.run(["/bin/bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=30)
     return r, log.read_text() if log.exists() else ""
 
