@@ -35,35 +35,23 @@ Options:
                         user must be able to read it (and write it, for --prune-collected)
   --prune-collected     delete on the device the presses verified complete locally
   --parallel N          devices collected at once (default 4)
-  --transfer METHOD     auto (rsync if both ends have it, else scp), rsync or scp (default auto)
-  --rsync-path CMD      rsync command on the device (passed to rsync --rsync-path)
-  -i, --identity KEY    SSH private key
-  -F, --ssh-config FILE ssh_config file
-  -o, --ssh-option OPT  extra ssh -o option, e.g. -o StrictHostKeyChecking=accept-new (repeatable)
-  -h, --help            this help
+EOF
+	shared_option_help
+	cat <<'EOF'
 
 Exit status: 0 every host ok, 1 any host failed, 2 usage error.
 Needs bash >= 4.3, ssh, and rsync or scp here; bash, coreutils (sha256sum) on the device.
 EOF
 }
 
-die() {
-	printf '%s: %s\n' "$PROG" "$*" >&2
-	exit 2
-}
+# shellcheck source-path=SCRIPTDIR source=ssh-common.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/ssh-common.sh"
 
 # ---------------------------------------------------------------------------------------------------
-# Settings (per-host overrides come from the inventory).
+# Settings (per-host overrides come from the inventory; the SSH ones are in ssh-common.sh).
 CAPTURES_DIR=/var/lib/mushcam/captures
-RSYNC_PATH=
-PARALLEL=4
-TRANSFER=auto
 PRUNE=0
 OUT=
-INVENTORY=
-HOST_LINES=()
-# BatchMode: never prompt for a password or a host key in the middle of a fleet run.
-SSH_OPTS=(-o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=15 -o ServerAliveCountMax=4)
 readonly INVENTORY_KEYS="captures_dir rsync_path name"
 # flash.sh's inventory keys: one inventory file serves both scripts.
 readonly IGNORED_KEYS="model_root status_file mushcam systemctl service allowed_signers config"
@@ -72,65 +60,35 @@ readonly IGNORED_KEYS="model_root status_file mushcam systemctl service allowed_
 readonly PRESS_RE='^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$'
 readonly FILE_RE='^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$'
 
-need_value() {
-	[[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"
+script_option() {
+	case $1 in
+	--out) need_value "$@"; OUT=$2; TOOK_VALUE=1 ;;
+	--captures-dir) need_value "$@"; CAPTURES_DIR=$2; TOOK_VALUE=1 ;;
+	--prune-collected) PRUNE=1 ;;
+	*) return 1 ;;
+	esac
 }
 
 parse_args() {
-	local positional=() inventory_lines=() arg line words=()
-	while [[ $# -gt 0 ]]; do
-		arg=$1
-		if [[ $arg == --*=* ]]; then
-			set -- "${arg%%=*}" "${arg#*=}" "${@:2}"
-			arg=$1
-		fi
-		case $arg in
-		-h | --help) usage; exit 0 ;;
-		--out) need_value "$@"; OUT=$2; shift ;;
-		--inventory) need_value "$@"; INVENTORY=$2; shift ;;
-		--captures-dir) need_value "$@"; CAPTURES_DIR=$2; shift ;;
-		--prune-collected) PRUNE=1 ;;
-		--parallel) need_value "$@"; PARALLEL=$2; shift ;;
-		--transfer) need_value "$@"; TRANSFER=$2; shift ;;
-		--rsync-path) need_value "$@"; RSYNC_PATH=$2; shift ;;
-		-i | --identity) need_value "$@"; SSH_OPTS+=(-i "$2"); shift ;;
-		-F | --ssh-config) need_value "$@"; SSH_OPTS+=(-F "$2"); shift ;;
-		-o | --ssh-option) need_value "$@"; SSH_OPTS+=(-o "$2"); shift ;;
-		--) shift; positional+=("$@"); break ;;
-		-*) die "unknown option $arg (see --help)" ;;
-		*) positional+=("$arg") ;;
-		esac
-		shift
-	done
-
+	local arg
+	parse_options "$@"
 	[[ -n $OUT ]] || die "no --out DIR given (see --help)"
-	[[ $PARALLEL =~ ^[1-9][0-9]*$ ]] || die "--parallel must be a positive integer, not '$PARALLEL'"
-	[[ $TRANSFER == auto || $TRANSFER == rsync || $TRANSFER == scp ]] ||
-		die "--transfer must be auto, rsync or scp, not '$TRANSFER'"
+	check_shared_values
 	check_captures_dir "$CAPTURES_DIR" || die "--captures-dir must be a plain absolute path (letters, digits, / . _ + -), not '$CAPTURES_DIR'"
 
-	for arg in "${positional[@]}"; do HOST_LINES+=("$(printf '%q' "$arg")"); done
-	if [[ -n $INVENTORY ]]; then
-		[[ -f $INVENTORY ]] || die "inventory $INVENTORY not found"
-		while IFS= read -r line || [[ -n $line ]]; do
-			line=${line%%#*}
-			[[ $line =~ [^[:space:]] ]] || continue
-			inventory_lines+=("$line")
-		done <"$INVENTORY"
-		HOST_LINES+=("${inventory_lines[@]}")
-	fi
-	[[ ${#HOST_LINES[@]} -ge 1 ]] || die "no hosts given (HOST... or --inventory FILE)"
-	local i seen=" " names=" " name
-	for i in "${!HOST_LINES[@]}"; do
-		check_host_line "${HOST_LINES[$i]}"
-		mapfile -t words < <(split_words "${HOST_LINES[$i]}")
-		[[ $seen != *" ${words[0]} "* ]] || die "host ${words[0]} is listed twice"
-		seen+="${words[0]} "
-		name=$(host_name "${HOST_LINES[$i]}")
-		# Two hosts writing one folder would mix their presses.
-		[[ $names != *" $name "* ]] || die "two hosts would collect into $OUT/$name: give one a name= in the inventory"
-		names+="$name "
-	done
+	for arg in "${POSITIONAL[@]}"; do HOST_LINES+=("$(printf '%q' "$arg")"); done
+	read_inventory
+	HOST_LINES+=("${INVENTORY_LINES[@]}")
+	check_host_lines
+}
+
+# Two hosts writing one folder would mix their presses.
+COLLECT_NAMES=" "
+check_host_extra() {
+	local name
+	name=$(host_name "$1")
+	[[ $COLLECT_NAMES != *" $name "* ]] || die "two hosts would collect into $OUT/$name: give one a name= in the inventory"
+	COLLECT_NAMES+="$name "
 }
 
 # The device's captures folder goes into a remote command line and rsync/scp paths: plain paths only.
@@ -138,48 +96,11 @@ check_captures_dir() {
 	[[ $1 =~ ^/[A-Za-z0-9._/+-]*$ && $1 != *..* ]]
 }
 
-# Split an inventory line into words, honouring quotes (xargs does the quote parsing, no eval).
-split_words() {
-	xargs -n1 printf '%s\n' <<<"$1"
-}
-
-check_host_line() {
-	local words=() w key
-	mapfile -t words < <(split_words "$1") || die "cannot parse host line: $1"
-	[[ ${#words[@]} -ge 1 ]] || die "empty host in: $1"
-	parse_target "${words[0]}" >/dev/null || die "bad host '${words[0]}': want user@host[:port] or an ssh_config alias"
-	for w in "${words[@]:1}"; do
-		key=${w%%=*}
-		[[ $w == *=* && " $INVENTORY_KEYS $IGNORED_KEYS " == *" $key "* ]] ||
-			die "inventory: unknown setting '$w' for ${words[0]}; valid keys: $INVENTORY_KEYS"
-		case $key in
-		captures_dir) check_captures_dir "${w#*=}" || die "inventory: captures_dir for ${words[0]} must be a plain absolute path" ;;
-		name) [[ ${w#*=} =~ $PRESS_RE ]] || die "inventory: name for ${words[0]} must be letters, digits, . _ - (not starting with . or -)" ;;
-		esac
-	done
-}
-
-# user@host[:port] -> "SSH_HOST<TAB>COPY_HOST<TAB>PORT" (COPY_HOST keeps [] around IPv6 for scp/rsync).
-# Neither the user nor the host may start with '-': ssh, scp and rsync would read it as an option.
-parse_target() {
-	local spec=$1 user="" host port=""
-	if [[ $spec == *@* ]]; then
-		user=${spec%@*}
-		spec=${spec##*@}
-		[[ $user =~ ^[A-Za-z0-9_][A-Za-z0-9._-]*$ ]] || return 1
-		user+=@
-	fi
-	if [[ $spec =~ ^\[([0-9A-Fa-f:.]+)\](:([0-9]+))?$ ]]; then
-		host=${BASH_REMATCH[1]}
-		port=${BASH_REMATCH[3]}
-		printf '%s\t%s\t%s\n' "$user$host" "${user}[$host]" "$port"
-	elif [[ $spec =~ ^([A-Za-z0-9_][A-Za-z0-9._-]*)(:([0-9]+))?$ ]]; then
-		host=${BASH_REMATCH[1]}
-		port=${BASH_REMATCH[3]}
-		printf '%s\t%s\t%s\n' "$user$host" "$user$host" "$port"
-	else
-		return 1
-	fi
+check_setting() { # KEY VALUE HOST
+	case $1 in
+	captures_dir) check_captures_dir "$2" || die "inventory: captures_dir for $3 must be a plain absolute path" ;;
+	name) [[ $2 =~ $PRESS_RE ]] || die "inventory: name for $3 must be letters, digits, . _ - (not starting with . or -)" ;;
+	esac
 }
 
 # The local folder name of a host line: name=, else HOST without user@, other characters as '_'.
@@ -259,28 +180,7 @@ r_prune() {
 # ---------------------------------------------------------------------------------------------------
 # Local side of one host. Runs in a background subshell: globals set here stay in it.
 
-WORK=
-IDX=0
-LABEL=
 NAME=
-SSH_HOST=
-COPY_HOST=
-PORT=
-HOST_SSH=()
-
-say() {
-	printf '[%s] %s\n' "$LABEL" "$*" >&2
-}
-
-# Device output is shown to the user: no escape sequences or other control characters from it.
-clean() {
-	LC_ALL=C tr -d '\000-\010\013-\037\177'
-}
-
-# Single-quote for the remote shell (ssh passes one command string).
-shq() {
-	printf "'%s'" "${1//\'/\'\\\'\'}"
-}
 
 agent_source() {
 	declare -f r_main r_list r_prune
@@ -299,52 +199,22 @@ remote() {
 REPLY_OUT=
 step() {
 	local rc=0 line
-	REPLY_OUT=$(remote "$@" 2>&1 | clean) || rc=$?
+	REPLY_OUT=$(remote "$@" 2>&1 | strip_controls) || rc=$?
 	if [[ $rc -ne 0 && -n $REPLY_OUT ]]; then
 		while IFS= read -r line; do say "  $line"; done <<<"$REPLY_OUT"
 	fi
 	return "$rc"
 }
 
-last_line() {
-	local text=$1
-	text=${text%$'\n'}
-	printf '%s' "${text##*$'\n'}"
-}
-
 record() { # STATUS NEW HAVE PRUNED DETAIL
 	printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >"$WORK/result.$IDX"
 }
 
-setup_host() {
-	local words=() w
-	mapfile -t words < <(split_words "$1")
-	LABEL=${words[0]}
-	NAME=$(host_name "$1")
-	IFS=$'\t' read -r SSH_HOST COPY_HOST PORT <<<"$(parse_target "${words[0]}")"
-	for w in "${words[@]:1}"; do
-		case ${w%%=*} in
-		captures_dir) CAPTURES_DIR=${w#*=} ;;
-		rsync_path) RSYNC_PATH=${w#*=} ;;
-		esac
-	done
-	# One SSH connection per device, reused by every step and copy.
-	HOST_SSH=("${SSH_OPTS[@]}" -o ControlMaster=auto -o "ControlPath=$WORK/cm.$IDX" -o ControlPersist=60)
-	if [[ -n $PORT ]]; then HOST_SSH+=(-p "$PORT"); fi
-}
-
-close_connection() {
-	ssh "${HOST_SSH[@]}" -O exit -- "$SSH_HOST" >/dev/null 2>&1 || true
-}
-
-# rsync -e takes one string; it honours single quotes (not backslashes), so quote each word.
-rsync_rsh() {
-	local out="ssh" arg
-	for arg in "${HOST_SSH[@]}"; do
-		[[ $arg != *"'"* ]] || die "ssh option with a single quote cannot be passed to rsync: $arg"
-		out+=" '$arg'"
-	done
-	printf '%s' "$out"
+host_option() { # KEY VALUE
+	case $1 in
+	captures_dir) CAPTURES_DIR=$2 ;;
+	rsync_path) RSYNC_PATH=$2 ;;
+	esac
 }
 
 local_sha256() {
@@ -378,9 +248,8 @@ transfer() {
 		[[ -n $RSYNC_PATH ]] && args+=(--rsync-path="$RSYNC_PATH")
 		printf '%s\n' "$@" | rsync "${args[@]}" -- "$COPY_HOST:$CAPTURES_DIR/" "$incoming/" 2>&1
 	else
-		local opts=("${HOST_SSH[@]}") i f press
-		# scp spells the port -P; the rest of the ssh options are shared.
-		for i in "${!opts[@]}"; do [[ ${opts[$i]} == -p ]] && opts[i]=-P; done
+		local f press
+		scp_options
 		# One scp per press (its files in one call, over the shared connection), into a fresh folder.
 		local -A groups=()
 		for f in "$@"; do groups[${f%%/*}]+=" $f"; done
@@ -390,15 +259,16 @@ transfer() {
 			local srcs=() names=()
 			read -r -a names <<<"${groups[$press]}"
 			for f in "${names[@]}"; do srcs+=("$COPY_HOST:$CAPTURES_DIR/$f"); done
-			scp -q -p "${opts[@]}" -- "${srcs[@]}" "$incoming/$press/" 2>&1 || return 1
+			scp -q -p "${SCP_OPTS[@]}" -- "${srcs[@]}" "$incoming/$press/" 2>&1 || return 1
 		done
 	fi
 }
 
-collect_host() {
+host_job() { # LINE: collect from one host
 	local listing method dest incoming line sha path press rsync_remote presses=() missing=() files=()
 	local new=0 have=0 pruned=0 bad=0 verified=() out rc=0
 	setup_host "$1"
+	NAME=$(host_name "$1")
 	record FAILED 0 0 0 "stopped unexpectedly"
 	dest=$OUT/$NAME
 	incoming=$dest/.incoming
@@ -445,15 +315,9 @@ collect_host() {
 	say "${#presses[@]} press(es) on the device, $have already here, ${#missing[@]} to copy"
 
 	if [[ ${#missing[@]} -gt 0 ]]; then
-		method=$TRANSFER
-		if [[ $method == auto ]]; then
-			method=scp
-			if command -v rsync >/dev/null && { [[ $rsync_remote == 1 ]] || [[ -n $RSYNC_PATH ]]; }; then
-				method=rsync
-			fi
-		fi
+		method=$(copy_method "$rsync_remote")
 		say "copying with $method into $incoming"
-		out=$(transfer "$method" "$incoming" "${files[@]}" | clean) || rc=$?
+		out=$(transfer "$method" "$incoming" "${files[@]}" | strip_controls) || rc=$?
 		if [[ $rc -ne 0 ]]; then
 			[[ -n $out ]] && while IFS= read -r line; do say "  $line"; done <<<"$out"
 			# Presses copied whole before the failure are still checked and kept below; the rest of
@@ -518,21 +382,8 @@ main() {
 	parse_args "$@"
 	command -v ssh >/dev/null || die "ssh not found (install openssh-client)"
 	mkdir -p -- "$OUT" || die "cannot create $OUT"
-	# Control sockets live here: keep the path short (unix socket paths are limited to ~100 bytes).
-	WORK=$(mktemp -d /tmp/collect.XXXXXX)
-	trap 'rm -rf -- "$WORK"' EXIT
-	trap 'trap - INT TERM; kill $(jobs -p) 2>/dev/null; exit 130' INT TERM
-
-	local running=0
-	for IDX in "${!HOST_LINES[@]}"; do
-		if ((running >= PARALLEL)); then
-			wait -n || true
-			running=$((running - 1))
-		fi
-		collect_host "${HOST_LINES[$IDX]}" &
-		running=$((running + 1))
-	done
-	wait || true
+	start_work collect
+	run_jobs
 
 	if summary; then exit 0; else exit 1; fi
 }

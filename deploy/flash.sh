@@ -51,25 +51,20 @@ Options:
   --allowed-signers F   allowed-signers file on the device (default /etc/mushcam/allowed_signers)
   --device-config FILE  the daemon's config on the device (default /etc/mushcam/config.toml); if it
                         exists, the selftest applies its require_signature/allowed_signers too
-  --transfer METHOD     auto (rsync if both ends have it, else scp), rsync or scp (default auto)
-  --rsync-path CMD      rsync command on the device (passed to rsync --rsync-path)
-  -i, --identity KEY    SSH private key
-  -F, --ssh-config FILE ssh_config file
-  -o, --ssh-option OPT  extra ssh -o option, e.g. -o StrictHostKeyChecking=accept-new (repeatable)
-  -h, --help            this help
+EOF
+	shared_option_help
+	cat <<'EOF'
 
 Exit status: 0 every host ok, 1 any host failed, 2 usage error or bad bundle.
 Needs bash >= 4.3, ssh, python3 and rsync or scp here; mushcam (deploy/install.sh) on the device.
 EOF
 }
 
-die() {
-	printf '%s: %s\n' "$PROG" "$*" >&2
-	exit 2
-}
+# shellcheck source-path=SCRIPTDIR source=ssh-common.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/ssh-common.sh"
 
 # ---------------------------------------------------------------------------------------------------
-# Settings (per-host overrides come from the inventory).
+# Settings (per-host overrides come from the inventory; the SSH ones are in ssh-common.sh).
 MODEL_ROOT=/var/lib/mushcam/models
 STATUS_FILE=/run/mushcam/status.json
 MUSHCAM=mushcam
@@ -77,81 +72,47 @@ SYSTEMCTL=systemctl
 SERVICE=mushcam
 ALLOWED_SIGNERS=/etc/mushcam/allowed_signers
 DEVICE_CONFIG=/etc/mushcam/config.toml
-RSYNC_PATH=
 REQUIRE_SIGNATURE=0
 KEEP=3
-PARALLEL=4
 TIMEOUT=30
-TRANSFER=auto
 DRY_RUN=0
 ROLLBACK=0
-INVENTORY=
+ROLLBACK_HOSTS=()
 BUNDLE=
-HOST_LINES=()
-# BatchMode: never prompt for a password or a host key in the middle of a fleet push.
-SSH_OPTS=(-o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=15 -o ServerAliveCountMax=4)
 readonly INVENTORY_KEYS="model_root status_file mushcam systemctl service allowed_signers config rsync_path"
 
-need_value() {
-	[[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"
+script_option() {
+	case $1 in
+	--dry-run) DRY_RUN=1 ;;
+	--rollback) need_value "$@"; ROLLBACK=1; ROLLBACK_HOSTS+=("$2"); TOOK_VALUE=1 ;;
+	--model-root) need_value "$@"; MODEL_ROOT=$2; TOOK_VALUE=1 ;;
+	--status-file) need_value "$@"; STATUS_FILE=$2; TOOK_VALUE=1 ;;
+	--mushcam) need_value "$@"; MUSHCAM=$2; TOOK_VALUE=1 ;;
+	--systemctl) need_value "$@"; SYSTEMCTL=$2; TOOK_VALUE=1 ;;
+	--service) need_value "$@"; SERVICE=$2; TOOK_VALUE=1 ;;
+	--keep) need_value "$@"; KEEP=$2; TOOK_VALUE=1 ;;
+	--timeout) need_value "$@"; TIMEOUT=$2; TOOK_VALUE=1 ;;
+	--require-signature) REQUIRE_SIGNATURE=1 ;;
+	--allowed-signers) need_value "$@"; ALLOWED_SIGNERS=$2; TOOK_VALUE=1 ;;
+	--device-config) need_value "$@"; DEVICE_CONFIG=$2; TOOK_VALUE=1 ;;
+	*) return 1 ;;
+	esac
 }
 
 parse_args() {
-	local positional=() rollback_hosts=() inventory_lines=() arg line first words=()
-	while [[ $# -gt 0 ]]; do
-		arg=$1
-		if [[ $arg == --*=* ]]; then
-			set -- "${arg%%=*}" "${arg#*=}" "${@:2}"
-			arg=$1
-		fi
-		case $arg in
-		-h | --help) usage; exit 0 ;;
-		--inventory) need_value "$@"; INVENTORY=$2; shift ;;
-		--parallel) need_value "$@"; PARALLEL=$2; shift ;;
-		--dry-run) DRY_RUN=1 ;;
-		--rollback) need_value "$@"; ROLLBACK=1; rollback_hosts+=("$2"); shift ;;
-		--model-root) need_value "$@"; MODEL_ROOT=$2; shift ;;
-		--status-file) need_value "$@"; STATUS_FILE=$2; shift ;;
-		--mushcam) need_value "$@"; MUSHCAM=$2; shift ;;
-		--systemctl) need_value "$@"; SYSTEMCTL=$2; shift ;;
-		--service) need_value "$@"; SERVICE=$2; shift ;;
-		--keep) need_value "$@"; KEEP=$2; shift ;;
-		--timeout) need_value "$@"; TIMEOUT=$2; shift ;;
-		--require-signature) REQUIRE_SIGNATURE=1 ;;
-		--allowed-signers) need_value "$@"; ALLOWED_SIGNERS=$2; shift ;;
-		--device-config) need_value "$@"; DEVICE_CONFIG=$2; shift ;;
-		--transfer) need_value "$@"; TRANSFER=$2; shift ;;
-		--rsync-path) need_value "$@"; RSYNC_PATH=$2; shift ;;
-		-i | --identity) need_value "$@"; SSH_OPTS+=(-i "$2"); shift ;;
-		-F | --ssh-config) need_value "$@"; SSH_OPTS+=(-F "$2"); shift ;;
-		-o | --ssh-option) need_value "$@"; SSH_OPTS+=(-o "$2"); shift ;;
-		--) shift; positional+=("$@"); break ;;
-		-*) die "unknown option $arg (see --help)" ;;
-		*) positional+=("$arg") ;;
-		esac
-		shift
-	done
-
-	[[ $PARALLEL =~ ^[1-9][0-9]*$ ]] || die "--parallel must be a positive integer, not '$PARALLEL'"
+	local arg line first words=()
+	parse_options "$@"
+	check_shared_values
 	[[ $KEEP =~ ^[1-9][0-9]*$ ]] || die "--keep must be a positive integer, not '$KEEP'"
 	[[ $TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive number of seconds, not '$TIMEOUT'"
-	[[ $TRANSFER == auto || $TRANSFER == rsync || $TRANSFER == scp ]] ||
-		die "--transfer must be auto, rsync or scp, not '$TRANSFER'"
 
-	if [[ -n $INVENTORY ]]; then
-		[[ -f $INVENTORY ]] || die "inventory $INVENTORY not found"
-		while IFS= read -r line || [[ -n $line ]]; do
-			line=${line%%#*}
-			[[ $line =~ [^[:space:]] ]] || continue
-			inventory_lines+=("$line")
-		done <"$INVENTORY"
-	fi
+	read_inventory
 	if [[ $ROLLBACK == 1 ]]; then
-		[[ ${#positional[@]} -eq 0 ]] || die "--rollback takes no BUNDLE or other hosts: give each host with --rollback HOST"
+		[[ ${#POSITIONAL[@]} -eq 0 ]] || die "--rollback takes no BUNDLE or other hosts: give each host with --rollback HOST"
 		# Only the hosts named with --rollback; the inventory only supplies their settings.
-		for arg in "${rollback_hosts[@]}"; do
+		for arg in "${ROLLBACK_HOSTS[@]}"; do
 			first=$(printf '%q' "$arg")
-			for line in "${inventory_lines[@]}"; do
+			for line in "${INVENTORY_LINES[@]}"; do
 				mapfile -t words < <(split_words "$line")
 				if [[ ${words[0]} == "$arg" ]]; then
 					first=$line
@@ -161,20 +122,13 @@ parse_args() {
 			HOST_LINES+=("$first")
 		done
 	else
-		[[ ${#positional[@]} -ge 1 ]] || die "no BUNDLE given (see --help)"
-		BUNDLE=${positional[0]%/}
-		for arg in "${positional[@]:1}"; do HOST_LINES+=("$(printf '%q' "$arg")"); done
-		HOST_LINES+=("${inventory_lines[@]}")
+		[[ ${#POSITIONAL[@]} -ge 1 ]] || die "no BUNDLE given (see --help)"
+		BUNDLE=${POSITIONAL[0]%/}
+		for arg in "${POSITIONAL[@]:1}"; do HOST_LINES+=("$(printf '%q' "$arg")"); done
+		HOST_LINES+=("${INVENTORY_LINES[@]}")
 	fi
-	[[ ${#HOST_LINES[@]} -ge 1 ]] || die "no hosts given (HOST... or --inventory FILE)"
-	local i seen=" "
-	for i in "${!HOST_LINES[@]}"; do
-		check_host_line "${HOST_LINES[$i]}"
-		mapfile -t words < <(split_words "${HOST_LINES[$i]}")
-		# Two jobs on one device would race for its lock (see check_duplicates for aliases).
-		[[ $seen != *" ${words[0]} "* ]] || die "host ${words[0]} is listed twice"
-		seen+="${words[0]} "
-	done
+	# Each host once (see check_duplicates for aliases).
+	check_host_lines
 }
 
 # The same device under two names (an alias, user@ip:port, ip:port) is refused too: what ssh would
@@ -205,47 +159,6 @@ host_setting() {
 	shift 2
 	for w in "$@"; do [[ $w == "$key="* ]] && value=${w#*=}; done
 	printf '%s' "$value"
-}
-
-# Split an inventory line into words, honouring quotes (xargs does the quote parsing, no eval).
-split_words() {
-	xargs -n1 printf '%s\n' <<<"$1"
-}
-
-check_host_line() {
-	local words=() w key
-	mapfile -t words < <(split_words "$1") || die "cannot parse host line: $1"
-	[[ ${#words[@]} -ge 1 ]] || die "empty host in: $1"
-	parse_target "${words[0]}" >/dev/null ||
-		die "bad host '$(clean "${words[0]}")': want user@host[:port] (letters, digits, . _ -; no leading -)"
-	for w in "${words[@]:1}"; do
-		key=${w%%=*}
-		[[ $w == *=* && " $INVENTORY_KEYS " == *" $key "* ]] ||
-			die "inventory: unknown setting '$w' for ${words[0]}; valid keys: $INVENTORY_KEYS"
-	done
-}
-
-# user@host[:port] -> "SSH_HOST<TAB>COPY_HOST<TAB>PORT" (COPY_HOST keeps [] around IPv6 for scp/rsync).
-# Neither part may start with '-' (ssh would read it as an option) or hold anything but a name.
-parse_target() {
-	local spec=$1 user="" host port=""
-	if [[ $spec == *@* ]]; then
-		user=${spec%@*}
-		spec=${spec##*@}
-		[[ $user =~ ^[A-Za-z0-9_][A-Za-z0-9._-]{0,31}$ ]] || return 1
-		user+=@
-	fi
-	if [[ $spec =~ ^\[([0-9A-Fa-f:.]+)\](:([0-9]+))?$ ]]; then
-		host=${BASH_REMATCH[1]}
-		port=${BASH_REMATCH[3]}
-		printf '%s\t%s\t%s\n' "$user$host" "${user}[$host]" "$port"
-	elif [[ $spec =~ ^([A-Za-z0-9_][A-Za-z0-9._-]*)(:([0-9]+))?$ ]]; then
-		host=${BASH_REMATCH[1]}
-		port=${BASH_REMATCH[3]}
-		printf '%s\t%s\t%s\n' "$user$host" "$user$host" "$port"
-	else
-		return 1
-	fi
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -332,28 +245,6 @@ for name, sha in files.items():
 # One host. Runs in a background subshell: globals set here stay in it. Everything that changes the
 # device is done there by `mushcam release` (device/release.py); this side copies and reports.
 
-WORK=
-IDX=0
-LABEL=
-SSH_HOST=
-COPY_HOST=
-PORT=
-HOST_SSH=()
-
-# A device's output may carry terminal escape sequences: print control characters as '?'.
-clean() {
-	printf '%s' "$1" | LC_ALL=C tr '\000-\010\013-\037\177' '?'
-}
-
-say() {
-	printf '[%s] %s\n' "$LABEL" "$(clean "$*")" >&2
-}
-
-# Single-quote for the remote shell (ssh passes one command string).
-shq() {
-	printf "'%s'" "${1//\'/\'\\\'\'}"
-}
-
 # The command line for `MUSHCAM ARGS...` on the device, every word quoted.
 device_command() {
 	local words=() out="" arg
@@ -377,12 +268,6 @@ remote() {
 	ssh "${HOST_SSH[@]}" -- "$SSH_HOST" "$(device_command "$@")" </dev/null
 }
 
-last_line() {
-	local text=$1
-	text=${text%$'\n'}
-	printf '%s' "${text##*$'\n'}"
-}
-
 record() { # STATUS RELEASE DETAIL
 	printf '%s\t%s\t%s\n' "$(clean "$1")" "$(clean "$2")" "$(clean "$3")" >"$WORK/result.$IDX"
 }
@@ -396,41 +281,17 @@ kv() { # KEY TEXT: value of KEY=... among TEXT's tab-separated fields
 	return 0
 }
 
-setup_host() {
-	local words=() w
-	mapfile -t words < <(split_words "$1")
-	LABEL=${words[0]}
-	IFS=$'\t' read -r SSH_HOST COPY_HOST PORT <<<"$(parse_target "${words[0]}")"
-	for w in "${words[@]:1}"; do
-		case ${w%%=*} in
-		model_root) MODEL_ROOT=${w#*=} ;;
-		status_file) STATUS_FILE=${w#*=} ;;
-		mushcam) MUSHCAM=${w#*=} ;;
-		systemctl) SYSTEMCTL=${w#*=} ;;
-		service) SERVICE=${w#*=} ;;
-		allowed_signers) ALLOWED_SIGNERS=${w#*=} ;;
-		config) DEVICE_CONFIG=${w#*=} ;;
-		rsync_path) RSYNC_PATH=${w#*=} ;;
-		esac
-	done
-	# One SSH connection per device, reused by every step (a Wi-Fi handshake costs ~1 s each).
-	HOST_SSH=("${SSH_OPTS[@]}" -o ControlMaster=auto -o "ControlPath=$WORK/cm.$IDX" -o ControlPersist=60)
-	if [[ -n $PORT ]]; then HOST_SSH+=(-p "$PORT"); fi
-	service_args
-}
-
-close_connection() {
-	ssh "${HOST_SSH[@]}" -O exit -- "$SSH_HOST" >/dev/null 2>&1 || true
-}
-
-# rsync -e takes one string; it honours single quotes (not backslashes), so quote each word.
-rsync_rsh() {
-	local out="ssh" arg
-	for arg in "${HOST_SSH[@]}"; do
-		[[ $arg != *"'"* ]] || die "ssh option with a single quote cannot be passed to rsync: $arg"
-		out+=" '$arg'"
-	done
-	printf '%s' "$out"
+host_option() { # KEY VALUE
+	case $1 in
+	model_root) MODEL_ROOT=$2 ;;
+	status_file) STATUS_FILE=$2 ;;
+	mushcam) MUSHCAM=$2 ;;
+	systemctl) SYSTEMCTL=$2 ;;
+	service) SERVICE=$2 ;;
+	allowed_signers) ALLOWED_SIGNERS=$2 ;;
+	config) DEVICE_CONFIG=$2 ;;
+	rsync_path) RSYNC_PATH=$2 ;;
+	esac
 }
 
 transfer() { # METHOD
@@ -441,10 +302,8 @@ transfer() { # METHOD
 		[[ -n $RSYNC_PATH ]] && args+=(--rsync-path="$RSYNC_PATH")
 		rsync "${args[@]}" -- "$BUNDLE/" "$COPY_HOST:$dest/" 2>&1
 	else
-		local args=(-q -r -p) opts=("${HOST_SSH[@]}") i
-		# scp spells the port -P; the rest of the ssh options are shared.
-		for i in "${!opts[@]}"; do [[ ${opts[$i]} == -p ]] && opts[i]=-P; done
-		scp "${args[@]}" "${opts[@]}" -- "$BUNDLE" "$COPY_HOST:$dest" 2>&1
+		scp_options
+		scp -q -r -p "${SCP_OPTS[@]}" -- "$BUNDLE" "$COPY_HOST:$dest" 2>&1
 	fi
 }
 
@@ -482,6 +341,7 @@ record_result() {
 flash_host() {
 	local to from pid ready method rc=0 out go=$WORK/go.$IDX replies=$WORK/replies.$IDX
 	setup_host "$1"
+	service_args
 	record FAILED "$RELEASE" "stopped unexpectedly"
 	if [[ $DRY_RUN == 1 ]]; then
 		say "would copy $BUNDLE to $COPY_HOST:$MODEL_ROOT/releases/$RELEASE.partial ($TRANSFER), then run '$MUSHCAM release receive $RELEASE' there: verify the copy and its $FILE_COUNT sha256s, selftest, switch $MODEL_ROOT/current, '$SYSTEMCTL reload $SERVICE', wait ${TIMEOUT}s for $STATUS_FILE, keep $KEEP releases"
@@ -523,13 +383,7 @@ flash_host() {
 	fi
 
 	if [[ $(kv copy "$ready") == 1 ]]; then
-		method=$TRANSFER
-		if [[ $method == auto ]]; then
-			method=scp
-			if command -v rsync >/dev/null && { [[ $(kv rsync "$ready") == 1 ]] || [[ -n $RSYNC_PATH ]]; }; then
-				method=rsync
-			fi
-		fi
+		method=$(copy_method "$(kv rsync "$ready")")
 		# scp -r into an existing directory would nest the bundle inside it: the device clears it.
 		if [[ $method == scp ]]; then
 			printf 'clear\n' >&"$to" || true
@@ -567,6 +421,7 @@ flash_host() {
 rollback_host() {
 	local out line
 	setup_host "$1"
+	service_args
 	record FAILED "-" "stopped unexpectedly"
 	local args=(release rollback --porcelain "${SERVICE_ARGS[@]}")
 	[[ $DRY_RUN == 1 ]] && args+=(--dry-run)
@@ -585,6 +440,10 @@ rollback_host() {
 		record FAILED "-" "rollback: ${LAST:-no answer from the device}"
 	fi
 	close_connection
+}
+
+host_job() {
+	if [[ $ROLLBACK == 1 ]]; then rollback_host "$1"; else flash_host "$1"; fi
 }
 
 summary() {
@@ -620,25 +479,8 @@ main() {
 		load_bundle
 		printf '%s: %s as release %s to %d host(s)\n' "$PROG" "$BUNDLE" "$RELEASE" "${#HOST_LINES[@]}" >&2
 	fi
-	# Control sockets live here: keep the path short (unix socket paths are limited to ~100 bytes).
-	WORK=$(mktemp -d /tmp/flash.XXXXXX)
-	trap 'rm -rf -- "$WORK"' EXIT
-	trap 'trap - INT TERM; kill $(jobs -p) 2>/dev/null; exit 130' INT TERM
-
-	local running=0
-	for IDX in "${!HOST_LINES[@]}"; do
-		if ((running >= PARALLEL)); then
-			wait -n || true
-			running=$((running - 1))
-		fi
-		if [[ $ROLLBACK == 1 ]]; then
-			rollback_host "${HOST_LINES[$IDX]}" &
-		else
-			flash_host "${HOST_LINES[$IDX]}" &
-		fi
-		running=$((running + 1))
-	done
-	wait || true
+	start_work flash
+	run_jobs
 
 	if summary; then exit 0; else exit 1; fi
 }
