@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -18,11 +19,14 @@ from typing import Any
 from device.errors import BundleError
 from device.preprocess import InputSpec
 
+log = logging.getLogger("mushcam.bundle")
+
 FORMAT = "mushcam-bundle/1"
 CARD = "model.json"
 MODEL = "model.tflite"
 EDGETPU_MODEL = "model_edgetpu.tflite"
 EDIBILITY = ("edible", "poisonous")
+ROLES = ("edible", "poisonous", "other")  # "other": not one of the known species; never EDIBLE
 OUTPUT_DTYPES = ("int8", "uint8")
 
 
@@ -34,6 +38,10 @@ class Thresholds:
     poisonous_max_mass: float = 0.02
     poisonous_min_confidence: float = 0.5
     ood_max_score: float | None = None  # None: the bundle has no unknown-species score
+    # Cross-architecture margins, applied by decide towards UNSURE: the calibrated thresholds were chosen on
+    # this machine's int8 arithmetic; the Pi's differs slightly, so the device is stricter by the jitter.
+    confidence_margin: float = 0.0
+    ood_margin: float = 0.0
 
     @classmethod
     def from_dict(cls, d: Any) -> "Thresholds":
@@ -51,10 +59,12 @@ class Thresholds:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise BundleError(f"model.json: `thresholds.{name}` must be a number, got {v!r}")
-            if name != "ood_max_score" and not 0.0 <= v <= 1.0:
+            if name not in ("ood_max_score", "ood_margin") and not 0.0 <= v <= 1.0:
                 raise BundleError(f"model.json: `thresholds.{name}` = {v} is outside 0..1")
             if name == "ood_max_score" and v <= 0:
                 raise BundleError(f"model.json: `thresholds.ood_max_score` = {v} must be > 0")
+            if name == "ood_margin" and v < 0:
+                raise BundleError(f"model.json: `thresholds.ood_margin` = {v} must be >= 0")
             values[name] = float(v)
         return cls(**values)
 
@@ -93,6 +103,12 @@ class OutputSpec:
 class ClassInfo:
     edibility: str
     display_name: str
+    role: str = ""  # edible, poisonous or other; "" = derived from edibility (see `kind`)
+
+    @property
+    def kind(self) -> str:
+        """The role the verdict policy uses: the card's `role`, else the edibility (old cards)."""
+        return self.role or self.edibility
 
 
 @dataclass(frozen=True)
@@ -212,6 +228,7 @@ def _labels_and_classes(card: dict) -> tuple[list[str], dict[str, ClassInfo]]:
     if not isinstance(raw, dict):
         raise BundleError("model.json: `classes` must map each label to its edibility")
     classes = {}
+    no_role = []
     for label in labels:
         info = raw.get(label)
         if not isinstance(info, dict):
@@ -219,7 +236,22 @@ def _labels_and_classes(card: dict) -> tuple[list[str], dict[str, ClassInfo]]:
         edibility = info.get("edibility")
         if edibility not in EDIBILITY:
             raise BundleError(f"model.json: `classes.{label}.edibility` is {edibility!r}, expected edible or poisonous")
-        classes[label] = ClassInfo(edibility, str(info.get("display_name") or label))
+        role = info.get("role")
+        if role is None:
+            no_role.append(label)
+            role = edibility
+        elif role not in ROLES:
+            raise BundleError(f"model.json: `classes.{label}.role` is {role!r}, expected {', '.join(ROLES)}")
+        elif role == "edible" and edibility != "edible":
+            # Two fields that disagree about eating: refuse rather than guess which one is right.
+            raise BundleError(f"model.json: `classes.{label}` has role edible but edibility {edibility}")
+        elif role != "edible" and edibility == "edible":
+            raise BundleError(f"model.json: `classes.{label}` has role {role} but edibility edible")
+        classes[label] = ClassInfo(edibility, str(info.get("display_name") or label), role)
+    if no_role:
+        # Old bundles keep working: the role follows from the edibility (an old card has no `other` class).
+        log.warning("model.json: no `role` for class(es) %s; derived from edibility (re-export to record roles)",
+                    ", ".join(no_role))
     return labels, classes
 
 

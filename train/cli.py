@@ -57,12 +57,17 @@ def prepare(
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
     val: Annotated[float, typer.Option(help="Fraction of each class for validation.")] = 0.15,
     test: Annotated[float, typer.Option(help="Fraction of each class for the test split.")] = 0.15,
+    other: Annotated[Optional[Path], typer.Option(help="Folder-per-species photos of OTHER fungi: one more class, `other`, never EDIBLE; split by species.",
+                                                  exists=True, file_okay=False)] = None,
+    other_val: Annotated[float, typer.Option(help="Fraction of the other pool's photos (whole species) for validation/calibration.")] = 0.25,
+    other_test: Annotated[float, typer.Option(help="Fraction of the other pool's photos (whole species) for the test split.")] = 0.25,
 ) -> None:
     """Scan DATA_DIR: decode every image, group duplicates, split train/val/test by group, write WORK/manifest.json."""
     from train import dataset, report
 
     with _reported():
-        manifest = dataset.prepare(data_dir, out, seed=seed, val=val, test=test, track=console.track)
+        manifest = dataset.prepare(data_dir, out, seed=seed, val=val, test=test, track=console.track,
+                                   other_dir=other, other_val=other_val, other_test=other_test)
         report.print_prepare(manifest, out)
 
 
