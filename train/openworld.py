@@ -107,12 +107,13 @@ def figures(mask: np.ndarray, g: Groups, species: Sequence[str] | None = None) -
 
 
 def candidates(values: np.ndarray, n: int = 60) -> np.ndarray:
-    """Threshold candidates: quantiles of the observed values (dense where the photos are)."""
-    v = np.asarray(values, dtype=np.float64)
+    """Threshold candidates: observed values themselves (a threshold at a photo's value includes it),
+    every one when there are at most n, else n of them at evenly spaced quantiles."""
+    v = np.unique(np.asarray(values, dtype=np.float64))
     v = v[np.isfinite(v)]
-    if not len(v):
-        return np.array([])
-    return np.unique(np.quantile(v, np.linspace(0, 1, n)))
+    if len(v) <= n:
+        return v
+    return np.unique(np.quantile(v, np.linspace(0, 1, n), method="inverted_cdf"))
 
 
 def search(probs, oods, edible_labels, g: Groups, base, conf_grid, ood_grid, max_unseen: float,
