@@ -412,3 +412,60 @@ def test_export_min_edible_coverage_picks_the_strictest_ood_percentile_and_recor
     assert card["ood"]["method"] == "knn" and card["ood"]["percentile"] == 50.0
     assert card["calibration"]["ood_max_score"]["min_edible_coverage"] == 0.0
     load_bundle(tmp_path / "b")
+
+
+@pytest.fixture(scope="module")
+def open_world(tmp_path_factory):
+    """prepare --other + fit + export + evaluate once, on shapes and an other pool of recoloured shapes."""
+    from tests.test_train_dataset import make_other_pool
+
+    root = tmp_path_factory.mktemp("ow")
+    data = make_dataset(root / "data", per_class=10)
+    other = make_other_pool(root / "other", species=12)
+    work = root / "work"
+    assert invoke("prepare", data, "--out", work, "--other", other).exit_code == 0
+    fit = invoke("fit", work, *FIT_ARGS)
+    assert fit.exit_code == 0, fit.output
+    bundle = root / "bundle"
+    exp = invoke("export", work, "--out", bundle, "--calibration", "16", *LAX_GATE, "--samples", "1",
+                 "--max-unseen-edible", "1", "--max-poison-edible", "1", "--min-edible-confidence", "0.5", "--force")
+    assert exp.exit_code == 0, exp.output
+    return {"work": work, "bundle": bundle, "export": exp, "root": root}
+
+
+def test_open_world_export_records_roles_calibration_and_sample_verdicts(open_world):
+    b = load_bundle(open_world["bundle"])
+    card = b.card
+    assert b.labels == sorted(SHAPES) + ["other"]
+    assert {lab: card["classes"][lab]["role"] for lab in b.labels} == {**SHAPES, "other": "other"}
+    cal = card["calibration"]
+    assert cal["method"].startswith("open world") and cal["unseen_species"]
+    assert cal["margins"]["confidence_margin"] == card["thresholds"]["confidence_margin"] == 0.02
+    assert card["thresholds"]["ood_margin"] == 0.015
+    val = cal["expected_at_effective"]["val"]
+    assert set(val["unseen_as_edible"]) == {"rate", "count", "n", "wilson95"} and val["unseen_as_edible"]["n"] > 0
+    # The index holds the other pool's train photos as negatives, in int8 rows.
+    assert card["ood"]["negatives"] > 0 and card["ood"]["dtype"] == "int8"
+    # Every sample is in `files` with its sha256 and carries the verdict the bundle gives it.
+    for s in card["samples"]:
+        assert card["files"][s["file"]] == hashlib.sha256((open_world["bundle"] / s["file"]).read_bytes()).hexdigest()
+        assert s["verdict"] in ("EDIBLE", "POISONOUS", "UNSURE")
+        if s["label"] == "other":
+            assert s["verdict"] == "UNSURE"
+    gate = card["metrics"]["int8_gate"]
+    assert gate["top1_agreement"]["n"] > 0
+    assert (open_world["work"] / "openworld" / "risk_coverage.png").stat().st_size > 1000
+    assert (open_world["work"] / "openworld" / "compare.json").is_file()
+
+
+def test_open_world_evaluate_reports_unseen_species_and_the_curve(open_world, tmp_path):
+    out = invoke("evaluate", open_world["bundle"], open_world["work"], "--split", "test", "--json",
+                 "--report", tmp_path / "r")
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.stdout[out.stdout.index("{"):])
+    manifest = json.loads((open_world["work"] / "manifest.json").read_text())
+    n_unseen = sum(1 for im in manifest["images"] if im["split"] == "test" and im["label"] == "other")
+    assert res["open_world"]["unseen_as_edible"]["n"] == n_unseen
+    assert res["n"] == sum(1 for im in manifest["images"] if im["split"] == "test" and im["label"] != "other")
+    assert (tmp_path / "r" / "risk_coverage.png").is_file() and (tmp_path / "r" / "risk_coverage.csv").is_file()
+    assert "Unseen species" in (tmp_path / "r" / "report.md").read_text()
