@@ -5,21 +5,29 @@
    Both outputs stay raw: `logits` (the device applies softmax in float; a quantized softmax saturates,
    measured here at 1.0 on a wrong label) and `embedding`.
 2. The card's `input`/`outputs` quantization is read back from the converted model with the device's
-   interpreter, never assumed.
-3. Gate: the float Keras model and the int8 model (run by device.classifier, i.e. device preprocessing and
-   the device interpreter) are compared on the val split; a top-1 drop above --max-drop points refuses
-   the export (ExportGateError) unless --force.
-4. Unknown-species data: device.ood.fit_ood on the int8 embeddings of the train split -> ood.npz.
-5. Thresholds, calibrated on val with device.verdict.decide itself:
-   - `ood_max_score` = the 95th percentile of the val photos' scores (all val photos are known species,
-     so about 5% of familiar photos are answered UNSURE for looking unfamiliar);
-   - `edible_min_confidence` = the lowest threshold (most edible coverage) at which the fraction of
-     poisonous val photos answered EDIBLE stays <= --max-poison-edible (default 0.5%), but never below
-     --min-edible-confidence (default 0.9): a few hundred val photos are thin evidence, so the floor
-     keeps a margin. If no threshold <= 1 meets the target, the export is refused unless --force.
-6. samples/: K photos per class from the test split (else val), longest side <= 320 px, JPEG q85, each
-   checked to classify as its label with the new bundle (so `mushcam selftest` passes on the device).
-7. Everything is written into a temp dir beside BUNDLE, validated with device.bundle.load_bundle, then
+   interpreter, never assumed. The card's classes carry their `role` (edible / poisonous / other).
+3. Every split goes through device.classifier (device preprocessing, the device interpreter).
+4. Unknown-species index (device.ood.fit_knn) on the int8 train embeddings of the known classes; with an
+   `other` class, the other pool's train embeddings are stored as negatives (score d_known / (d_known +
+   d_other)); PCA to `ood_dims` and int8 rows keep ood.npz small.
+5. Thresholds, with device.verdict.decide's policy (a vectorised mirror, checked against decide):
+   - open world (the manifest has other-pool val species): the loosest (edible_min_confidence,
+     ood_max_score) on a grid of val quantiles with val unseen-species->EDIBLE <= --max-unseen-edible (1%)
+     and poisonous->EDIBLE <= --max-poison-edible (0.5%), margins 0; then --confidence-margin and
+     --ood-margin are written into the card (the device is stricter than the calibrated point by the
+     int8 jitter between machines) and the expected figures at the effective thresholds, with Wilson 95%
+     intervals, go into `calibration`. WORK/openworld/ gets the score comparison and the risk-coverage
+     curve (evaluation only);
+   - closed world (no other pool): ood_max_score = a val percentile, edible_min_confidence = the lowest
+     keeping poisonous val photos EDIBLE <= --max-poison-edible, never below --min-edible-confidence.
+6. Gate: float Keras vs int8 through the device must agree on top-1 over every photo not used for
+   quantization calibration, and on the verdict over val + test, each on >= --gate-min-photos photos with a
+   Wilson 95% lower bound >= --min-agreement / --min-verdict-agreement; else ExportGateError (unless --force).
+7. samples/: K photos per known class from the test split (else val), longest side <= 320 px, JPEG q85, each
+   checked to classify as its label with the new bundle, plus --other-samples other-pool test photos the
+   bundle files under `other` (verdict UNSURE); each entry records its verdict, and each file is in `files`
+   with its sha256.
+8. Everything is written into a temp dir beside BUNDLE, validated with device.bundle.load_bundle, then
    renamed into place; an existing BUNDLE is replaced only once the new one is complete (old -> backup,
    new -> BUNDLE, backup removed).
 """

@@ -36,7 +36,7 @@ done
 
 "${TRAIN[@]}" prepare "$SHARED/data/mushrooms" --out "$WORK" --seed 0 --other "$OTHER" --other-val 0.25 --other-test 0.25
 "${TRAIN[@]}" fit "$WORK" --weights "$WEIGHTS" --backbone mobilenet_v2 --alpha 1.0 --size 224 \
-  --epochs 30 --fine-tune-epochs 12 --feature-copies FEATURE_COPIES --seed 0
+  --epochs 30 --fine-tune-epochs 6 --feature-copies 4 --seed 0
 "${TRAIN[@]}" export "$WORK" --out "$MODEL" --name "$(basename "$MODEL")" --calibration 1000 --samples 2 \
   --ood-method knn --max-unseen-edible 0.01 --max-poison-edible 0.005 --confidence-margin 0.02 --ood-margin 0.015
 "${TRAIN[@]}" evaluate "$MODEL" "$WORK" --split test --report "$WORK/report" --record
