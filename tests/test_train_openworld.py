@@ -94,11 +94,18 @@ def test_score_comparison_ranks_a_separating_score_first():
 
 def test_gate_refuses_too_few_photos_and_a_low_bound_naming_both():
     opts = ExportOptions(out=None, min_agreement=0.97, min_verdict_agreement=0.95, gate_min_photos=200)
-    fig, msg = gate(np.ones(150, bool), np.ones(150, bool), opts)
+    none = np.zeros(1000, bool)
+    fig, msg = gate(np.ones(150, bool), np.ones(150, bool), none, opts)
     assert msg.startswith("int8 gate:") and "150 photos, fewer than --gate-min-photos 200" in msg
     same = np.ones(1000, bool)
     same[:40] = False  # 96.0% agreement: lower bound ~0.946 < 0.97
-    fig, msg = gate(same, np.ones(1000, bool), opts)
-    assert "top-1 agree on 960/1000 photos (Wilson 95% lower bound 0.94" in msg and "verdict" not in msg.split(";")[1]
-    fig, msg = gate(np.ones(1000, bool), np.ones(1000, bool), opts)
-    assert msg is None and fig["top1_agreement"]["n"] == 1000
+    fig, msg = gate(same, np.ones(1000, bool), none, opts)
+    assert "top-1 (known species) agree on 960/1000 photos (Wilson 95% lower bound 0.94" in msg
+    assert "verdict" not in msg.split(";")[1]
+    # The dangerous direction on its own: 1.5% new EDIBLE answers, upper bound ~2.5% > 2%.
+    new = np.zeros(1000, bool)
+    new[:15] = True
+    fig, msg = gate(np.ones(1000, bool), np.ones(1000, bool), new, opts)
+    assert "int8 answers EDIBLE on 15/1000 photos the float model does not" in msg
+    fig, msg = gate(np.ones(1000, bool), np.ones(1000, bool), none, opts)
+    assert msg is None and fig["top1_agreement_known"]["n"] == 1000

@@ -114,7 +114,8 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="BUNDLE dir to write (replaced only when the new one is complete).")],
     calibration: Annotated[int, typer.Option(help="Training images used to calibrate the int8 quantization.")] = 400,
     min_agreement: Annotated[float, typer.Option(help="int8 gate: Wilson 95% lower bound of float/int8 top-1 agreement (photos not used for quantization).")] = 0.97,
-    min_verdict_agreement: Annotated[float, typer.Option(help="int8 gate: the same for the verdict (val + test photos).")] = 0.95,
+    min_verdict_agreement: Annotated[float, typer.Option(help="int8 gate: the same for the verdict (val + test photos).")] = 0.90,
+    max_new_edible: Annotated[float, typer.Option(help="int8 gate: Wilson 95% upper bound of int8 EDIBLE among val+test photos float does not call EDIBLE.")] = 0.02,
     gate_min_photos: Annotated[int, typer.Option(help="int8 gate: refuse when fewer photos than this measure an agreement.")] = 200,
     force: Annotated[bool, typer.Option("--force", help="Write the bundle even if a gate refuses it (says so).")] = False,
     name: Annotated[Optional[str], typer.Option(help="Bundle name in the card (default mushcam-<backbone>-<n>sp).")] = None,
@@ -136,7 +137,7 @@ def export(
     with _reported():
         result = run_export(work, ExportOptions(
             out=out, calibration=calibration, min_agreement=min_agreement, min_verdict_agreement=min_verdict_agreement,
-            gate_min_photos=gate_min_photos, force=force, name=name, version=version,
+            gate_min_photos=gate_min_photos, max_new_edible=max_new_edible, force=force, name=name, version=version,
             samples=samples, max_poison_edible=max_poison_edible, min_edible_confidence=min_edible_confidence,
             ood_method=_ood_method(ood_method), ood_percentile=ood_percentile, min_edible_coverage=min_edible_coverage,
             max_unseen_edible=max_unseen_edible, confidence_margin=confidence_margin, ood_margin=ood_margin,
@@ -162,7 +163,7 @@ def export(
             )
         g = result.gate or {}
         if g:
-            console.out.print(f"int8 gate: top-1 agreement {g['top1_agreement']['count']}/{g['top1_agreement']['n']}, "
+            console.out.print(f"int8 gate: top-1 agreement (known species) {g['top1_agreement_known']['count']}/{g['top1_agreement_known']['n']}, "
                               f"verdict agreement {g['verdict_agreement']['count']}/{g['verdict_agreement']['n']}")
         console.out.print(f"bundle: {result.path} ({result.seconds:.0f} s)")
 
