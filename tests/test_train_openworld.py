@@ -37,15 +37,16 @@ def test_edible_mask_is_the_device_policy():
 
 
 def _table():
-    """20 edible photos with confidence 0.80..0.99 and ood 0.10..0.48 (both rising), 100 unseen photos top-1 `ed`
-    with confidence 0.9 and ood 0.30..0.795, 10 poisonous photos confidently poisonous."""
+    """20 edible photos with confidence 0.80..0.99 and ood 0.10..0.48 (both rising), 50 unseen photos top-1 `ed`
+    with confidence 0.97 and ood 0.30..0.79, 10 poisonous photos confidently poisonous (fewer distinct ood
+    values than the grid's 80, so the grid holds every observed value)."""
     rows, kinds = [], []
     for i in range(20):
         c = 0.80 + 0.01 * i
         rows.append(([c, 0.0, 1 - c], 0.10 + 0.02 * i))
         kinds.append("edible")
-    for i in range(100):
-        rows.append(([0.97, 0.01, 0.02], 0.30 + 0.005 * i))
+    for i in range(50):
+        rows.append(([0.97, 0.01, 0.02], 0.30 + 0.01 * i))
         kinds.append("other")
     for _ in range(10):
         rows.append(([0.01, 0.98, 0.01], 0.1))
@@ -59,18 +60,18 @@ def _table():
 def test_calibration_picks_the_loosest_point_within_the_unseen_target():
     probs, oods, g = _table()
     base = Thresholds(0.9, 0.25, 0.5, None)
-    # Target 1%: at most 1 of the 100 unseen photos may be EDIBLE. The unseen photos all have confidence
+    # Target 2%: at most 1 of the 50 unseen photos may be EDIBLE. The unseen photos all have confidence
     # 0.97 > every edible photo, so only the ood threshold can separate them: ood <= 0.30 lets exactly one
     # through (0.300); the edible photos with ood <= 0.30 are i = 0..10, of which those with confidence
     # >= the floor 0.8 are all 11: coverage 11/20.
-    opts = ExportOptions(out=None, max_unseen_edible=0.01, max_poison_edible=0.0, min_edible_confidence=0.8)
+    opts = ExportOptions(out=None, max_unseen_edible=0.02, max_poison_edible=0.0, min_edible_confidence=0.8)
     best, table, edible_labels = open_world_calibration(probs, oods, LABELS, CLASSES, g, base, opts)
     m = ow.edible_mask(probs, oods, edible_labels, best)
     assert (m & g.unseen).sum() == 1 and (m & g.poisonous).sum() == 0
     assert (m & g.edible).sum() == 11
     assert best.ood_max_score == pytest.approx(0.30, abs=1e-9) and best.edible_min_confidence == pytest.approx(0.8)
     # Every point of the searched grid that meets the target has at most this coverage (it is the loosest).
-    assert max(r[2] for r in table if r[3] <= 0.01 and r[4] <= 0.0) == pytest.approx(11 / 20)
+    assert max(r[2] for r in table if r[3] <= 0.02 and r[4] <= 0.0) == pytest.approx(11 / 20)
     # Target 0: no unseen photo EDIBLE; the threshold moves below 0.30 and coverage drops to i = 0..9.
     best0, _, _ = open_world_calibration(probs, oods, LABELS, CLASSES, g, base,
                                          ExportOptions(out=None, max_unseen_edible=0.0, min_edible_confidence=0.8))
@@ -89,7 +90,8 @@ def test_score_comparison_ranks_a_separating_score_first():
     rows = ow.compare({"good": good, "ood": oods}, probs, EDIBLE_LABELS, g)
     by = {r["score"]: r for r in rows}
     assert by["good"]["auroc_unseen_vs_edible"] == 1.0 and by["good"]["coverage_at_unseen_0.01"] == 1.0
-    assert by["ood"]["coverage_at_unseen_0.01"] == pytest.approx(11 / 20)
+    assert by["ood"]["coverage_at_unseen_0.02"] == pytest.approx(11 / 20)  # one unseen photo of 50 allowed
+    assert by["ood"]["coverage_at_unseen_0.01"] == pytest.approx(10 / 20)  # none allowed
 
 
 def test_gate_refuses_too_few_photos_and_a_low_bound_naming_both():

@@ -198,7 +198,10 @@ def plot_risk_coverage(result: dict, folder: Path, bundle_path: Path) -> Path | 
     base = replace(bundle.thresholds, confidence_margin=0.0, ood_margin=0.0)
     conf_grid = np.unique(np.concatenate([[0.5], ow.candidates(probs.max(axis=1), 50)]))
     ood_grid = None if oods is None else ow.candidates(oods, 100)
-    _, table = ow.search(probs, oods, edible_labels, g, base, conf_grid, ood_grid, 1.0, 1.0)
+    from train.export import MASS_GRID
+
+    _, table = ow.search(probs, oods, edible_labels, g, base, conf_grid, ood_grid, 1.0, 1.0,
+                         sorted({base.poisonous_max_mass, *MASS_GRID}))
     m = ow.edible_mask(probs, oods, edible_labels, bundle.thresholds)
     mark = (float((m & g.unseen).sum() / max(1, g.unseen.sum())), float((m & g.edible).sum() / max(1, g.edible.sum())))
     png = Path(folder) / "risk_coverage.png"

@@ -54,6 +54,7 @@ from train.metrics import poisonous_mask, safety_figures
 from train.model_spec import get_spec
 
 OOD_PERCENTILE = 95.0
+MASS_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25)  # candidate poisonous_max_mass (device floor: <= 0.25)
 OOD_DIMS = 64
 SAMPLE_MAX_SIDE = 320
 SAMPLE_QUALITY = 85
@@ -395,12 +396,15 @@ def open_world_calibration(probs, oods, labels, bundle_classes, g, base, opts: E
     edible_labels = np.array([bundle_classes[lab].kind == "edible" for lab in labels])
     conf = probs.max(axis=1)
     conf_grid = np.unique(np.concatenate([[opts.min_edible_confidence],
-                                          ow.candidates(conf[conf >= opts.min_edible_confidence], 50)]))
+                                          ow.candidates(conf[conf >= opts.min_edible_confidence], 40)]))
     conf_grid = conf_grid[(conf_grid >= opts.min_edible_confidence) & (conf_grid <= 1.0)]
-    ood_grid = None if oods is None else ow.candidates(oods, 120)
+    ood_grid = None if oods is None else ow.candidates(oods, 80)
     base = replace(base, confidence_margin=0.0, ood_margin=0.0)
+    # The cap on non-edible mass (poisonous + other) is searched too: with an `other` class it is an
+    # unknown-species score of its own (p(other) was the best single score on val species).
+    mass_grid = sorted({base.poisonous_max_mass, *MASS_GRID})
     best, table = ow.search(probs, oods, edible_labels, g, base, conf_grid, ood_grid, opts.max_unseen_edible,
-                            opts.max_poison_edible)
+                            opts.max_poison_edible, mass_grid)
     return best, table, edible_labels
 
 
@@ -558,10 +562,10 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
             ow.check_mirror(probs_val, oods_val, labels, bundle.classes, th_final, eff_mask)
             eff_fig = ow.figures(eff_mask, g_val, val_species)
             calibration = {
-                "method": ("open world: the loosest (edible_min_confidence, ood_max_score) on a grid of val "
-                           "quantiles with val unseen-species->EDIBLE <= target and known poisonous->EDIBLE <= "
-                           "target (margins 0; most val edible coverage, ties to the stricter); then the "
-                           "cross-architecture margins are added"),
+                "method": ("open world: the loosest (edible_min_confidence, poisonous_max_mass, ood_max_score) "
+                           "on a grid of observed val values with val unseen-species->EDIBLE <= target and known "
+                           "poisonous->EDIBLE <= target (margins 0; most val edible coverage, ties to the "
+                           "stricter); then the cross-architecture margins are added"),
                 "split": "val",
                 "unseen_species": manifest.other_species("val"),
                 "photos": {"edible": int(g_val.edible.sum()), "poisonous": int(g_val.poisonous.sum()),
@@ -570,9 +574,10 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
                 "target_poisonous_as_edible": opts.max_poison_edible,
                 "edible_confidence_floor": opts.min_edible_confidence,
                 "grid": {"edible_min_confidence": len(set(r[0] for r in table)),
-                         "ood_max_score": len(set(r[1] for r in table))},
+                         "ood_max_score": len(set(r[1] for r in table)),
+                         "poisonous_max_mass": sorted(set(r[5] for r in table))},
                 "raw": {"edible_min_confidence": raw.edible_min_confidence, "ood_max_score": raw.ood_max_score,
-                        "val": raw_fig},
+                        "poisonous_max_mass": raw.poisonous_max_mass, "val": raw_fig},
                 "margins": {"confidence_margin": th_final.confidence_margin, "ood_margin": th_final.ood_margin,
                             "why": "assumed int8 score jitter between this machine and the Pi (issue 9: +/-0.015) "
                                    "until measured"},
@@ -765,9 +770,9 @@ def _open_world_evidence(work, manifest, labels, roles, edible_labels, probs_val
         for t in (0.01, 0.02):
             best, _ = ow.search(probs_val, oods_val, edible_labels, g_val, replace_th(raw, 0.0),
                                 sorted({r[0] for r in table}), sorted({r[1] for r in table if r[1] is not None}), t,
-                                opts.max_poison_edible)
+                                opts.max_poison_edible, sorted({r[5] for r in table}))
             cov = 0.0 if best is None else float((ow.edible_mask(probs_val, oods_val, edible_labels, best) & g_val.edible).sum() / max(1, g_val.edible.sum()))
-            name = f"policy: confidence + {('knn ratio' if do is not None else 'knn')} (2-D)"
+            name = f"policy: confidence + mass + {('knn ratio' if do is not None else 'knn')} (3-D)"
             row = next((r for r in rows if r["score"] == name), None)
             if row is None:
                 row = {"score": name, "auroc_unseen_vs_edible": float("nan")}
@@ -782,7 +787,7 @@ def _open_world_evidence(work, manifest, labels, roles, edible_labels, probs_val
                 pts.append((0.0, float(thr), float((m & g_val.edible).sum() / max(1, g_val.edible.sum())),
                             float((m & g_val.unseen).sum() / max(1, g_val.unseen.sum())), 0.0))
             curves[name] = ow.frontier(pts)
-        curves["policy (confidence + ood, 2-D)"] = ow.frontier(table)
+        curves["policy (confidence + mass + ood)"] = ow.frontier(table)
         ow.write_curve(curves, folder / "compare.csv", folder / "compare.png",
                        f"unknown-species scores on {int(g_val.unseen.sum())} val photos of "
                        f"{len(manifest.other_species('val'))} unseen species")
@@ -804,7 +809,7 @@ def _open_world_evidence(work, manifest, labels, roles, edible_labels, probs_val
         conf_grid = sorted({r[0] for r in table})
         ood_grid = sorted({r[1] for r in table if r[1] is not None}) or None
         _, t_table = ow.search(probs_test, oods_test, edible_labels, g_t, replace_th(raw, 0.0), conf_grid, ood_grid,
-                               1.0, 1.0)
+                               1.0, 1.0, sorted({r[5] for r in table}))
         curves["test"] = ow.frontier(t_table)
         m = ow.edible_mask(probs_test, oods_test, edible_labels, th_final)
         marks["shipped, test"] = (float((m & g_t.unseen).sum() / max(1, g_t.unseen.sum())),

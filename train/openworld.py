@@ -117,26 +117,29 @@ def candidates(values: np.ndarray, n: int = 60) -> np.ndarray:
 
 
 def search(probs, oods, edible_labels, g: Groups, base, conf_grid, ood_grid, max_unseen: float,
-           max_poisonous: float):
-    """The loosest (edible_min_confidence, ood_max_score) on a grid: most edible coverage such that the
-    unseen->EDIBLE and poisonous->EDIBLE rates stay at or under their targets. Ties go to the stricter
-    point (higher confidence, then lower ood). Returns (Thresholds or None, table of every point)."""
+           max_poisonous: float, mass_grid=None):
+    """The loosest (edible_min_confidence, ood_max_score[, poisonous_max_mass]) on a grid: most edible
+    coverage such that the unseen->EDIBLE and poisonous->EDIBLE rates stay at or under their targets.
+    Ties go to the stricter point (higher confidence, lower mass cap, lower ood). Returns (Thresholds or
+    None, table of every point: (conf, ood, coverage, unseen, poisonous, mass))."""
     from dataclasses import replace
 
     best, best_key, table = None, None, []
     n_e, n_p, n_u = max(1, int(g.edible.sum())), int(g.poisonous.sum()), int(g.unseen.sum())
-    for c in conf_grid:
-        for o in (ood_grid if ood_grid is not None else [None]):
-            th = replace(base, edible_min_confidence=float(c), ood_max_score=None if o is None else float(o))
-            m = edible_mask(probs, oods, edible_labels, th)
-            cov = (m & g.edible).sum() / n_e
-            u = (m & g.unseen).sum() / n_u if n_u else 0.0
-            pz = (m & g.poisonous).sum() / n_p if n_p else 0.0
-            table.append((float(c), None if o is None else float(o), float(cov), float(u), float(pz)))
-            if u <= max_unseen and pz <= max_poisonous:
-                key = (cov, c, -(o if o is not None else 0.0))
-                if best_key is None or key > best_key:
-                    best, best_key = th, key
+    for mcap in (mass_grid if mass_grid is not None else [base.poisonous_max_mass]):
+        for c in conf_grid:
+            for o in (ood_grid if ood_grid is not None else [None]):
+                th = replace(base, edible_min_confidence=float(c), ood_max_score=None if o is None else float(o),
+                             poisonous_max_mass=float(mcap))
+                m = edible_mask(probs, oods, edible_labels, th)
+                cov = (m & g.edible).sum() / n_e
+                u = (m & g.unseen).sum() / n_u if n_u else 0.0
+                pz = (m & g.poisonous).sum() / n_p if n_p else 0.0
+                table.append((float(c), None if o is None else float(o), float(cov), float(u), float(pz), float(mcap)))
+                if u <= max_unseen and pz <= max_poisonous:
+                    key = (cov, c, -mcap, -(o if o is not None else 0.0))
+                    if best_key is None or key > best_key:
+                        best, best_key = th, key
     return best, table
 
 
@@ -159,11 +162,11 @@ def write_curve(curves: dict[str, list[tuple]], csv_path: Path, png_path: Path, 
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["curve", "edible_min_confidence", "ood_max_score", "edible_coverage", "unseen_as_edible",
-                    "poisonous_as_edible"])
+                    "poisonous_as_edible", "poisonous_max_mass"])
         for name, rows in curves.items():
             for r in rows:
                 w.writerow([name, f"{r[0]:.5f}", "" if r[1] is None else f"{r[1]:.5f}", f"{r[2]:.5f}",
-                            f"{r[3]:.5f}", f"{r[4]:.5f}"])
+                            f"{r[3]:.5f}", f"{r[4]:.5f}", "" if len(r) < 6 else f"{r[5]:.4f}"])
     import matplotlib
 
     matplotlib.use("Agg")
