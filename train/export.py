@@ -754,6 +754,16 @@ def _open_world_evidence(work, manifest, labels, roles, edible_labels, probs_val
     folder = Path(work) / "openworld"
     folder.mkdir(parents=True, exist_ok=True)
     other_index = labels.index(OTHER) if OTHER in labels else None
+    # The per-photo tables (device path), so other operating points can be studied without re-running it.
+    np.savez(folder / "tables.npz", probs_val=probs_val, oods_val=oods_val if oods_val is not None else np.array([]),
+             logits_val=np.stack(lg_val),
+             kinds_val=np.array(["other" if u else "poisonous" if pz else "edible"
+                                 for u, pz in zip(g_val.unseen, g_val.poisonous)]),
+             species_val=np.array([manifest.species(r) for r in manifest.records("val")]),
+             probs_test=probs_test if probs_test is not None else np.array([]),
+             oods_test=oods_test if oods_test is not None else np.array([]),
+             y_test=y_test, labels=np.array(labels),
+             species_test=np.array([manifest.species(r) for r in manifest.records("test")]))
     rows = []
     if emb_val is not None:
         kn = emb_train[known_tr]
