@@ -113,7 +113,7 @@ def export(
     work: Annotated[Path, typer.Argument(help="WORK dir with a trained model (fit).", exists=True, file_okay=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="BUNDLE dir to write (replaced only when the new one is complete).")],
     calibration: Annotated[int, typer.Option(help="Training images used to calibrate the int8 quantization.")] = 400,
-    min_agreement: Annotated[float, typer.Option(help="int8 gate: Wilson 95% lower bound of float/int8 top-1 agreement (photos not used for quantization).")] = 0.97,
+    min_agreement: Annotated[float, typer.Option(help="int8 gate: Wilson 95% lower bound of float/int8 top-1 agreement on known-species photos not used for quantization.")] = 0.95,
     min_verdict_agreement: Annotated[float, typer.Option(help="int8 gate: the same for the verdict (val + test photos).")] = 0.90,
     max_new_edible: Annotated[float, typer.Option(help="int8 gate: Wilson 95% upper bound of int8 EDIBLE among val+test photos float does not call EDIBLE.")] = 0.02,
     gate_min_photos: Annotated[int, typer.Option(help="int8 gate: refuse when fewer photos than this measure an agreement.")] = 200,

@@ -67,7 +67,7 @@ class ExportOptions:
     out: Path
     calibration: int = 400
     # int8 gate: float/int8 agreement over every photo not used for quantization calibration (see gate())
-    min_agreement: float = 0.97  # Wilson 95% lower bound of top-1 agreement
+    min_agreement: float = 0.95  # Wilson 95% lower bound of top-1 agreement (known species)
     min_verdict_agreement: float = 0.90  # Wilson 95% lower bound of verdict agreement (val + test)
     max_new_edible: float = 0.02  # Wilson 95% upper bound: int8 EDIBLE where float is not
     gate_min_photos: int = 200
