@@ -38,7 +38,8 @@ done
 "${TRAIN[@]}" fit "$WORK" --weights "$WEIGHTS" --backbone mobilenet_v2 --alpha 1.0 --size 224 \
   --epochs 30 --fine-tune-epochs 6 --feature-copies 4 --seed 0
 "${TRAIN[@]}" export "$WORK" --out "$MODEL" --name "$(basename "$MODEL")" --calibration 1000 --samples 2 \
-  --ood-method knn --max-unseen-edible 0.01 --max-poison-edible 0.005 --confidence-margin 0.02 --ood-margin 0.015
+  --ood-method knn --max-unseen-edible 0.01 --max-poison-edible 0.005 --confidence-margin 0.02 --ood-margin 0.015 \
+  --other-samples 0
 "${TRAIN[@]}" evaluate "$MODEL" "$WORK" --split test --report "$WORK/report" --record
 mkdir -p "$DOCS/figures"
 cp "$WORK/report/risk_coverage.png" "$WORK/report/risk_coverage.csv" "$DOCS/figures/"
