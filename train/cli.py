@@ -129,7 +129,7 @@ def export(
     max_unseen_edible: Annotated[float, typer.Option(min=0, max=1, help="Open-world calibration target: val unseen-species photos answered EDIBLE (needs prepare --other).")] = 0.01,
     confidence_margin: Annotated[float, typer.Option(min=0, max=0.5, help="Written to thresholds.confidence_margin: the device demands this much more confidence.")] = 0.02,
     ood_margin: Annotated[float, typer.Option(min=0, max=0.5, help="Written to thresholds.ood_margin: the device's ood threshold is this much stricter (int8 jitter).")] = 0.015,
-    other_samples: Annotated[int, typer.Option(help="Other-pool test photos in samples/ (their expected verdict: UNSURE).")] = 2,
+    other_samples: Annotated[int, typer.Option(help="Other-pool test photos in samples/ (expected verdict UNSURE); 0 by default: the other pool's photos must not be redistributed.")] = 0,
 ) -> None:
     """Quantize WORK/model.keras to an int8 bundle, gate it on float/int8 agreement, calibrate thresholds, write BUNDLE."""
     from train.export import ExportOptions, export as run_export

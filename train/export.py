@@ -89,7 +89,7 @@ class ExportOptions:
     ood_negatives: bool = True  # other-pool train embeddings in the kNN index as negatives
     ood_dims: int | None = 256  # PCA dims of the kNN index (None: full embedding)
     ood_int8: bool = True  # int8 rows in the kNN index
-    other_samples: int = 2  # other-pool test photos in samples/ (expected verdict UNSURE)
+    other_samples: int = 0  # other-pool test photos in samples/ (expected verdict UNSURE; the pool says: do not redistribute)
 
 
 @dataclass
