@@ -98,7 +98,11 @@ def test_export_writes_a_bundle_the_device_loads(chain):
     assert bundle.classes["red_circle"].display_name == "red circle"
     assert card["input"]["dtype"] == "int8" and card["input"]["size"] == [32, 32]
     assert card["outputs"]["logits"]["size"] == 3 and card["outputs"]["embedding"]["size"] == 1280
-    assert set(card["files"]) == {"model.tflite", "ood.npz"}
+    # Every file the device reads is listed, the samples too (with their sha256).
+    assert set(card["files"]) == {"model.tflite", "ood.npz"} | {s["file"] for s in card["samples"]}
+    assert all(card["files"][s["file"]] == hashlib.sha256((chain["bundle"] / s["file"]).read_bytes()).hexdigest()
+               and s["verdict"] in ("EDIBLE", "POISONOUS", "UNSURE") for s in card["samples"])
+    assert all(info["role"] == info["edibility"] for info in card["classes"].values())
     assert 0 < card["thresholds"]["ood_max_score"]
     assert 0.9 <= card["thresholds"]["edible_min_confidence"] <= 1.0
     assert {"float_top1", "int8_top1", "val"} <= set(card["metrics"])
