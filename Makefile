@@ -13,7 +13,7 @@ help:
 	@echo "make test   run the test suite (installs the training extra: TensorFlow, about 600 MB, and the"
 	@echo "            Debian packages the tests use: sshd, rsync, shellcheck, systemd, chromium, tmux)"
 	@echo "make pi-check  install and run the device in an emulated Debian 12 arm64 root; compare with x86 (root)"
-	@echo "make model  retrain the shipped model from $(SHARED)/data/mushrooms (about 6 min on 2 cores)"
+	@echo "make model  retrain the shipped model from $(SHARED)/data/mushrooms + fungi-other (see docs/training.md for times)"
 	@echo "make loso   leave-one-species-out safety figures for that recipe (about 25 min)"
 
 # The device install: no TensorFlow, what a Pi gets.
@@ -56,7 +56,7 @@ model: $(VENV)/.test check-shared
 # already trained in $(WORK)-loso), recorded in the shipped bundle's card.
 loso: $(VENV)/.test check-shared
 	$(BIN)/mushcam-train loso $(WORK) --out $(WORK)-loso --weights $(SHARED)/weights/mobilenet_v2_1.0_224_no_top.weights.h5 \
-	  --calibration 1000 --ood-method knn --min-edible-coverage 0.75 --reuse-fits --record $(MODEL)
+	  --calibration 1000 --ood-method knn --fine-tune-epochs 6 --feature-copies 4 --reuse-fits --record $(MODEL)
 
 clean:
 	rm -rf out work .pytest_cache

@@ -29,6 +29,7 @@ MODEL = "model.tflite"
 EDGETPU_MODEL = "model_edgetpu.tflite"
 SIGNATURE = "model.json.sig"
 EDIBILITY = ("edible", "poisonous")
+ROLES = ("edible", "poisonous", "other")  # "other": not one of the known species; never EDIBLE
 OUTPUT_DTYPES = ("int8", "uint8")
 VERDICTS = ("EDIBLE", "POISONOUS", "UNSURE")
 OOD_METHODS = ("knn", "mahalanobis")
@@ -97,6 +98,8 @@ class Thresholds:
                 raise BundleError(f"model.json: `thresholds.{name}` = {v} is outside 0..1")
             if name == "ood_max_score" and v <= 0:
                 raise BundleError(f"model.json: `thresholds.ood_max_score` = {v} must be > 0")
+            if name == "ood_margin" and v < 0:
+                raise BundleError(f"model.json: `thresholds.ood_margin` = {v} must be >= 0")
             values[name] = float(v)
         return cls(**values)
 
@@ -135,6 +138,12 @@ class OutputSpec:
 class ClassInfo:
     edibility: str
     display_name: str
+    role: str = ""  # edible, poisonous or other; "" = derived from edibility (see `kind`)
+
+    @property
+    def kind(self) -> str:
+        """The role the verdict policy uses: the card's `role`, else the edibility (old cards)."""
+        return self.role or self.edibility
 
 
 @dataclass(frozen=True)
@@ -336,6 +345,7 @@ def _labels_and_classes(card: dict) -> tuple[list[str], dict[str, ClassInfo]]:
     if not isinstance(raw, dict):
         raise BundleError("model.json: `classes` must map each label to its edibility")
     classes = {}
+    no_role = []
     for label in labels:
         info = raw.get(label)
         if not isinstance(info, dict):
@@ -343,7 +353,22 @@ def _labels_and_classes(card: dict) -> tuple[list[str], dict[str, ClassInfo]]:
         edibility = info.get("edibility")
         if edibility not in EDIBILITY:
             raise BundleError(f"model.json: `classes.{label}.edibility` is {edibility!r}, expected edible or poisonous")
-        classes[label] = ClassInfo(edibility, str(info.get("display_name") or label))
+        role = info.get("role")
+        if role is None:
+            no_role.append(label)
+            role = edibility
+        elif role not in ROLES:
+            raise BundleError(f"model.json: `classes.{label}.role` is {role!r}, expected {', '.join(ROLES)}")
+        elif role == "edible" and edibility != "edible":
+            # Two fields that disagree about eating: refuse rather than guess which one is right.
+            raise BundleError(f"model.json: `classes.{label}` has role edible but edibility {edibility}")
+        elif role != "edible" and edibility == "edible":
+            raise BundleError(f"model.json: `classes.{label}` has role {role} but edibility edible")
+        classes[label] = ClassInfo(edibility, str(info.get("display_name") or label), role)
+    if no_role:
+        # Old bundles keep working: the role follows from the edibility (an old card has no `other` class).
+        log.warning("model.json: no `role` for class(es) %s; derived from edibility (re-export to record roles)",
+                    ", ".join(no_role))
     return labels, classes
 
 

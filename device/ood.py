@@ -6,6 +6,10 @@ confident edible label. Two scores, chosen by the trainer and named in `ood.npz`
 - `knn` (the default): 1 - the mean cosine similarity to the k nearest training photos. Measured best
   here: holding fly agaric out of training, at the same edible coverage it let through about half as many
   of its photos as EDIBLE as the Mahalanobis score did (see the README's leave-one-species-out table).
+  With `negatives` (embeddings of OTHER fungi, trained as "not a known species"), the score is
+  d_known / (d_known + d_other): below 0.5 the photo is closer to a known species' photo than to any other
+  fungus's. Optionally in a PCA space (`projection`, `center`) and stored as int8 rows with per-row scales
+  (`*_scale`), which keeps the index under 2 MB.
 - `mahalanobis`: distance (shared covariance, in a PCA space of `dims` components) to the nearest class
   mean, divided by sqrt(dims) so thresholds read alike across sizes.
 
@@ -60,34 +64,109 @@ def fit_ood(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, dims: in
     }
 
 
-def fit_knn(embeddings: np.ndarray, k: int = 1) -> dict:
-    """Store the training embeddings, L2-normalised, as float16 (enough for cosine similarity)."""
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
+
+
+def _int8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row: x ~ q * scale[:, None] (error <= scale / 2 per value)."""
+    scale = np.maximum(np.abs(x).max(axis=1), 1e-12) / 127.0
+    return np.clip(np.round(x / scale[:, None]), -127, 127).astype(np.int8), scale.astype(np.float32)
+
+
+def fit_knn(embeddings: np.ndarray, k: int = 1, negatives: np.ndarray | None = None, dims: int | None = None,
+            int8: bool = False) -> dict:
+    """The kNN index: training embeddings (and `negatives`), L2-normalised, float16 or int8 rows.
+
+    `dims`: project first onto the top `dims` principal directions of all rows (centred), which keeps
+    cosine neighbourhoods while shrinking the file.
+    """
     x = np.asarray(embeddings, dtype=np.float32)
-    x = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
-    return {"method": np.array("knn"), "train": x.astype(np.float16), "k": np.array(int(k))}
+    neg = None if negatives is None else np.asarray(negatives, dtype=np.float32)
+    params: dict = {"method": np.array("knn"), "k": np.array(int(k))}
+    if dims is not None:
+        both = x if neg is None else np.concatenate([x, neg])
+        center = both.mean(axis=0)
+        _, _, vt = np.linalg.svd(both - center, full_matrices=False)
+        proj = vt[: min(dims, vt.shape[0])].T.astype(np.float16)
+        params.update(center=center.astype(np.float32), projection=proj)
+        x = (x - center) @ proj.astype(np.float32)
+        neg = None if neg is None else (neg - center) @ proj.astype(np.float32)
+    for name, rows in (("train", x), ("negatives", neg)):
+        if rows is None:
+            continue
+        rows = _unit(rows)
+        if int8:
+            params[name], params[f"{name}_scale"] = _int8_rows(rows)
+        else:
+            params[name] = rows.astype(np.float16)
+    return params
+
+
+KNN_KEYS = ("train", "k", "train_scale", "negatives", "negatives_scale", "projection", "center")
+
+
+def _rows(params: dict, name: str) -> np.ndarray | None:
+    if name not in params:
+        return None
+    rows = np.asarray(params[name], dtype=np.float32)
+    if f"{name}_scale" in params:
+        scale = np.asarray(params[f"{name}_scale"], dtype=np.float32).reshape(-1)
+        if rows.ndim != 2 or scale.shape != (rows.shape[0],):
+            raise BundleError(f"knn `{name}_scale` has {scale.shape} values for {rows.shape} rows")
+        rows = rows * scale[:, None]
+    return rows
 
 
 class KnnScorer:
     """Scores embeddings by cosine distance to the nearest training photos; higher = less familiar."""
 
     def __init__(self, params: dict):
-        self.train = np.asarray(params["train"], dtype=np.float32)
+        self.train = _rows(params, "train")
+        self.negatives = _rows(params, "negatives")
         k = np.asarray(params["k"])
         if k.ndim != 0 or k.dtype.kind not in "iu":
             raise BundleError(f"knn `k` must be one integer, got {k.tolist()!r}")
         self.k = int(k)
-        if self.train.ndim != 2 or len(self.train) < 1 or self.train.shape[1] < 1 or not 1 <= self.k <= len(self.train):
-            raise BundleError(f"knn arrays do not fit together (train {self.train.shape}, k {self.k})")
+        self.projection = None if "projection" not in params else np.asarray(params["projection"], dtype=np.float32)
+        self.center = None if "center" not in params else np.asarray(params["center"], dtype=np.float32).reshape(-1)
+        width = self.train.shape[1] if self.train.ndim == 2 else -1
+        ok = self.train.ndim == 2 and len(self.train) >= 1 and width >= 1 and 1 <= self.k <= len(self.train)
+        if self.negatives is not None:
+            ok = ok and self.negatives.ndim == 2 and self.negatives.shape[1] == width and len(self.negatives) >= self.k
+        if self.projection is not None:
+            ok = ok and self.projection.ndim == 2 and self.projection.shape[1] == width and (
+                self.center is None or self.center.shape == (self.projection.shape[0],))
+        if not ok:
+            raise BundleError(
+                f"knn arrays do not fit together (train {self.train.shape}, k {self.k}, negatives "
+                f"{None if self.negatives is None else self.negatives.shape}, projection "
+                f"{None if self.projection is None else self.projection.shape})")
 
     @property
     def embedding_size(self) -> int:
-        return self.train.shape[1]
+        return self.train.shape[1] if self.projection is None else self.projection.shape[0]
 
-    def score(self, embedding: np.ndarray) -> float:
-        e = np.asarray(embedding, dtype=np.float32).reshape(-1)
-        sims = self.train @ (e / (np.linalg.norm(e) + 1e-12))
+    def _distance(self, rows: np.ndarray, e: np.ndarray) -> float:
+        sims = rows @ e
         top = np.partition(sims, len(sims) - self.k)[-self.k:]
         return float(1.0 - top.mean())
+
+    def distances(self, embedding: np.ndarray) -> tuple[float, float | None]:
+        """(cosine distance to the nearest known photos, to the nearest negatives or None)."""
+        e = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        if self.projection is not None:
+            e = (e - self.center if self.center is not None else e) @ self.projection
+        e = _unit(e)
+        d_known = self._distance(self.train, e)
+        return d_known, None if self.negatives is None else self._distance(self.negatives, e)
+
+    def score(self, embedding: np.ndarray) -> float:
+        d_known, d_other = self.distances(embedding)
+        if d_other is None:
+            return d_known
+        # Both distances are >= 0 (cosine <= 1); the ratio is in [0, 1], 0.5 = as near an other fungus.
+        return float(d_known / max(d_known + d_other, 1e-9))
 
 
 def _check_headers(data: bytes) -> None:
@@ -164,7 +243,7 @@ def load_ood(source: NpzSource, *, name: str | os.PathLike | None = None, method
             missing = [k for k in ("train", "k") if k not in data]
             if missing:
                 raise BundleError(f"missing array {missing[0]!r}")
-            return KnnScorer({"train": data["train"], "k": data["k"]})
+            return KnnScorer({k: data[k] for k in KNN_KEYS if k in data})
         if found != "mahalanobis":
             raise BundleError(f"unknown method {found!r} (knn or mahalanobis)")
         missing = [k for k in _KEYS if k not in data]

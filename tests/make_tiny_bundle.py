@@ -103,7 +103,8 @@ def build(out: Path) -> Path:
         "version": "0.0.1",
         "created": "2026-11-24T00:00:00Z",
         "labels": LABELS,
-        "classes": {lab: {"edibility": EDIBILITY[lab], "display_name": lab.replace("_", " ")} for lab in LABELS},
+        "classes": {lab: {"edibility": EDIBILITY[lab], "role": EDIBILITY[lab], "display_name": lab.replace("_", " ")}
+                    for lab in LABELS},
         "input": spec.to_dict(),
         "outputs": {"logits": out_spec(logits_idx), "embedding": out_spec(emb_idx)},
         "thresholds": {"edible_min_confidence": 0.9, "poisonous_max_mass": 0.05, "poisonous_min_confidence": 0.5,

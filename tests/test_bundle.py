@@ -82,6 +82,11 @@ CARD_ERRORS = {
     "files without the model": (lambda c: c["files"].pop("model.tflite"), "`files` must list model.tflite"),
     "file outside the bundle": (lambda c: c["files"].update({"../model.tflite": "0" * 64}), "plain name inside the bundle"),
     "sample with unknown label": (_set("samples", [{"file": "samples/red_cap.jpg", "label": "pink_cap"}]), "`samples[0]`"),
+    "unknown role": (_set("classes.red_cap.role", "tasty"), "`classes.red_cap.role`"),
+    "role edible on a poisonous class": (_set("classes.blue_cap.role", "edible"), "role edible but edibility poisonous"),
+    "role other on an edible class": (_set("classes.red_cap.role", "other"), "role other but edibility edible"),
+    "negative ood margin": (_set("thresholds.ood_margin", -0.01), "`thresholds.ood_margin`"),
+    "confidence margin out of range": (_set("thresholds.confidence_margin", 2.0), "outside 0..1"),
 }
 
 
@@ -406,3 +411,25 @@ def test_the_bundle_records_the_hashes_of_the_card_and_signature_it_read(bundle_
     assert b.card_sha256 == sha256_file(bundle_copy / "model.json") and b.signature_sha256 is None
     (bundle_copy / "model.json.sig").write_text("-----BEGIN SSH SIGNATURE-----\n")
     assert load_bundle(bundle_copy).signature_sha256 == sha256_file(bundle_copy / "model.json.sig")
+
+
+def test_card_without_roles_is_served_with_a_warning(bundle_copy, edit_card, caplog):
+    # A card written before roles existed: it loads, roles follow from edibility, and the log says so.
+    edit_card(bundle_copy, lambda c: [info.pop("role") for info in c["classes"].values()])
+    with caplog.at_level("WARNING", logger="mushcam.bundle"):
+        b = load_bundle(bundle_copy)
+    assert [b.classes[x].kind for x in b.labels] == ["edible", "poisonous", "poisonous"]
+    assert any("no `role`" in r.getMessage() for r in caplog.records)
+
+
+def test_card_with_roles_loads_the_other_role_and_margins(bundle_copy, edit_card, caplog):
+    def mutate(card):
+        card["classes"]["green_cap"]["role"] = "other"
+        card["thresholds"].update(confidence_margin=0.02, ood_margin=0.015)
+
+    edit_card(bundle_copy, mutate)
+    with caplog.at_level("WARNING", logger="mushcam.bundle"):
+        b = load_bundle(bundle_copy)
+    assert not caplog.records
+    assert b.classes["green_cap"].kind == "other" and b.classes["red_cap"].kind == "edible"
+    assert (b.thresholds.confidence_margin, b.thresholds.ood_margin) == (0.02, 0.015)

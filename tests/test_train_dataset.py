@@ -206,3 +206,67 @@ def test_help_and_prepare_do_not_import_tensorflow():
     assert proc.returncode == 0, proc.stderr
     for cmd in ("prepare", "fit", "export", "evaluate", "edgetpu"):
         assert cmd in runner.invoke(app, ["--help"]).stdout
+
+
+# --- the other pool (prepare --other) ----------------------------------------------------------------
+
+
+def make_other_pool(root: Path, species: int = 9, seed: int = 5) -> Path:
+    """Folder-per-species JPEGs of yellow shapes (never a known class), 1-6 photos each."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(species):
+        folder = root / f"genus_sp{s}"
+        folder.mkdir()
+        for i in range(1 + s % 6):
+            img = shape_image("red_circle", rng)
+            img = Image.fromarray(np.asarray(img)[:, :, ::-1].copy())  # a different colour than any known class
+            (folder / f"sp{s}_{i}.jpg").write_bytes(jpeg_bytes(img))
+    return root
+
+
+def test_prepare_other_pool_splits_by_species_and_drops_cross_species_duplicates(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=6)
+    other = make_other_pool(tmp_path / "other")
+    # The same photo under two species names: label noise, dropped on both sides.
+    (other / "genus_sp8" / "copy.jpg").write_bytes((other / "genus_sp2" / "sp2_0.jpg").read_bytes())
+    result = runner.invoke(app, ["prepare", str(data), "--out", str(tmp_path / "w"), "--other", str(other)])
+    assert result.exit_code == 0, result.output
+    m = dataset.Manifest.load(tmp_path / "w")
+    assert m.labels == sorted(SHAPES) + ["other"]
+    assert m.classes["other"]["role"] == "other" and m.classes["other"]["edibility"] == "poisonous"
+    others = m.records()
+    others = [r for r in others if r.label == "other"]
+    sides: dict[str, set] = {}
+    for r in others:
+        sides.setdefault(r.species, set()).add(r.split)
+        assert m.abspath(r).is_file()
+    assert all(len(v) == 1 for v in sides.values()), sides  # a species is wholly on one side
+    assert {s for v in sides.values() for s in v} == {"train", "val", "test"}
+    dropped = {d["path"] for d in m.dropped}
+    assert {"genus_sp8/copy.jpg", "genus_sp2/sp2_0.jpg"} <= dropped
+    # The known classes' split is the same as without --other.
+    plain = dataset.prepare(data, tmp_path / "plain")
+    assert {r.path: r.split for r in plain.images} == {r.path: r.split for r in m.images if r.label != "other"}
+    assert "species per split" in result.stdout
+
+
+def test_species_split_never_puts_a_species_on_two_sides():
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        recs = [dataset.ImageRecord(f"{s}/{i}.jpg", "other", "0" * 64, "0" * 16, species=f"sp{s}")
+                for s in range(int(rng.integers(3, 40))) for i in range(int(rng.integers(1, 12)))]
+        dataset.split_species(recs, seed=trial, val=0.25, test=0.25)
+        sides: dict[str, set] = {}
+        for r in recs:
+            sides.setdefault(r.species, set()).add(r.split)
+        assert all(len(v) == 1 for v in sides.values())
+        assert all(r.split in dataset.SPLITS for r in recs)
+
+
+def test_prepare_refuses_an_other_species_that_is_a_known_class(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=3)
+    other = make_other_pool(tmp_path / "other", species=3)
+    (other / "red_circle").mkdir()
+    with pytest.raises(DataError, match="also a known class"):
+        dataset.prepare(data, tmp_path / "w", other_dir=other)

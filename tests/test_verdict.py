@@ -317,3 +317,67 @@ def test_softmax():
     assert np.allclose(p, np.exp([1, 2, 3]) / np.exp([1, 2, 3]).sum())
     big = softmax(np.array([1e4, 0.0, -1e4]))  # no overflow
     assert np.isfinite(big).all() and big[0] == pytest.approx(1.0)
+
+
+# --- roles: `other` never EDIBLE; margins only ever move towards UNSURE ---------------------------------
+
+
+def _role_case(rng):
+    n = int(rng.integers(1, 7))
+    labels = [f"s{i}" for i in range(n)]
+    kinds = rng.choice(["edible", "poisonous", "other"], size=n)
+    classes = {lab: ClassInfo("edible" if k == "edible" else "poisonous", lab, str(k)) for lab, k in zip(labels, kinds)}
+    p = rng.dirichlet(np.full(n, float(rng.choice([0.05, 1.0]))))
+    ood_thr = None if rng.random() < 0.3 else float(rng.uniform(0.05, 1.0))
+    t = Thresholds(float(rng.uniform(0.0, 1.0)), float(rng.uniform(0, 1.0)), float(rng.uniform(0.0, 1.0)), ood_thr,
+                   float(rng.uniform(0, 0.1)), float(rng.uniform(0, 0.1)))
+    ood = float(rng.uniform(0, 1.2))
+    return p, labels, classes, kinds, t, ood
+
+
+def test_other_role_never_gives_edible_and_margins_only_make_it_stricter():
+    rng = np.random.default_rng(9)
+    seen = {v: 0 for v in Verdict}
+    for _ in range(20_000):
+        p, labels, classes, kinds, t, ood = _role_case(rng)
+        d = decide(p, labels, classes, t, ood)
+        seen[d.verdict] += 1
+        top = int(np.argmax(p))
+        if kinds[top] == "other":
+            # Even with every threshold at its loosest, an `other` top label is UNSURE.
+            assert d.verdict is Verdict.UNSURE and d.reason == "not a species it knows"
+            loose = Thresholds(0.0, 1.0, 0.0, None)
+            assert decide(p, labels, classes, loose, ood).verdict is Verdict.UNSURE
+        if d.verdict is Verdict.EDIBLE:
+            assert kinds[top] == "edible"
+            assert p[top] >= t.edible_min_confidence + t.confidence_margin
+            assert sum(p[i] for i in range(len(p)) if kinds[i] != "edible") <= t.poisonous_max_mass + 1e-12
+            if t.ood_max_score is not None:
+                assert ood <= t.ood_max_score - t.ood_margin
+        # Without margins, any verdict that is not UNSURE stays the same: a margin never creates an answer.
+        bare = Thresholds(t.edible_min_confidence, t.poisonous_max_mass, t.poisonous_min_confidence, t.ood_max_score)
+        if d.verdict is not Verdict.UNSURE:
+            assert decide(p, labels, classes, bare, ood).verdict is d.verdict
+    assert seen[Verdict.EDIBLE] > 500 and seen[Verdict.POISONOUS] > 500 and seen[Verdict.UNSURE] > 500
+
+
+def test_margins_turn_a_borderline_edible_into_unsure():
+    base = Thresholds(0.9, 0.05, 0.5, 3.0)
+    assert verdict([0.91, 0.02, 0.05, 0.02], base, ood=2.99) is Verdict.EDIBLE
+    assert verdict([0.91, 0.02, 0.05, 0.02], Thresholds(0.9, 0.05, 0.5, 3.0, confidence_margin=0.02), ood=2.99) \
+        is Verdict.UNSURE
+    d = decide([0.91, 0.02, 0.05, 0.02], LABELS, CLASSES, Thresholds(0.9, 0.05, 0.5, 3.0, ood_margin=0.015), 2.99)
+    assert d.verdict is Verdict.UNSURE and d.reason == "unlike the species it knows"
+    # The same margin guards POISONOUS: a borderline poisonous guess becomes UNSURE, never EDIBLE.
+    assert verdict([0.01, 0.51, 0.01, 0.47], Thresholds(0.9, 0.05, 0.5, 3.0, confidence_margin=0.02)) is Verdict.UNSURE
+
+
+def test_other_mass_counts_against_edible():
+    labels = ["ed", "other"]
+    classes = {"ed": ClassInfo("edible", "ed", "edible"), "other": ClassInfo("poisonous", "unknown fungus", "other")}
+    t = Thresholds(0.9, 0.05, 0.5, None)
+    assert decide([0.96, 0.04], labels, classes, t).verdict is Verdict.EDIBLE
+    d = decide([0.93, 0.07], labels, classes, t)
+    assert d.verdict is Verdict.UNSURE and d.poisonous_mass == pytest.approx(0.07)
+    d = decide([0.2, 0.8], labels, classes, t)
+    assert d.verdict is Verdict.UNSURE and d.label == "other" and len(d.reason) <= 24

@@ -79,12 +79,17 @@ def prepare(
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
     val: Annotated[float, typer.Option(help="Fraction of each class for validation.")] = 0.15,
     test: Annotated[float, typer.Option(help="Fraction of each class for the test split.")] = 0.15,
+    other: Annotated[Optional[Path], typer.Option(help="Folder-per-species photos of OTHER fungi: one more class, `other`, never EDIBLE; split by species.",
+                                                  exists=True, file_okay=False)] = None,
+    other_val: Annotated[float, typer.Option(help="Fraction of the other pool's photos (whole species) for validation/calibration.")] = 0.25,
+    other_test: Annotated[float, typer.Option(help="Fraction of the other pool's photos (whole species) for the test split.")] = 0.25,
 ) -> None:
     """Scan DATA_DIR: decode every image, group duplicates, split train/val/test by group, write WORK/manifest.json."""
     from train import dataset, report
 
     with _reported():
-        manifest = dataset.prepare(data_dir, out, seed=seed, val=val, test=test, track=console.track)
+        manifest = dataset.prepare(data_dir, out, seed=seed, val=val, test=test, track=console.track,
+                                   other_dir=other, other_val=other_val, other_test=other_test)
         report.print_prepare(manifest, out)
 
 
@@ -169,7 +174,10 @@ def export(
     work: Annotated[Path, typer.Argument(help="WORK dir with a trained model (fit).", exists=True, file_okay=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="BUNDLE dir to write (replaced only when the new one is complete).")],
     calibration: Annotated[int, typer.Option(help="Training images used to calibrate the int8 quantization.")] = 400,
-    max_drop: Annotated[float, typer.Option(help="Refuse if int8 val top-1 is more than this many points below float.")] = 1.0,
+    min_agreement: Annotated[float, typer.Option(help="int8 gate: Wilson 95% lower bound of float/int8 top-1 agreement on known-species photos not used for quantization.")] = 0.95,
+    min_verdict_agreement: Annotated[float, typer.Option(help="int8 gate: the same for the verdict (val + test photos).")] = 0.90,
+    max_new_edible: Annotated[float, typer.Option(help="int8 gate: Wilson 95% upper bound of int8 EDIBLE among val+test photos float does not call EDIBLE.")] = 0.02,
+    gate_min_photos: Annotated[int, typer.Option(help="int8 gate: refuse when fewer photos than this measure an agreement.")] = 200,
     force: Annotated[bool, typer.Option("--force", help="Write the bundle even if a gate refuses it (says so).")] = False,
     name: Annotated[Optional[str], typer.Option(help="Bundle name in the card (default mushcam-<backbone>-<n>sp).")] = None,
     version: Annotated[Optional[str], typer.Option(help="Bundle version in the card (default: UTC date and time).")] = None,
@@ -178,26 +186,49 @@ def export(
     min_edible_confidence: Annotated[float, typer.Option(help="Floor of the calibrated edible_min_confidence.")] = 0.9,
     ood_method: Annotated[str, typer.Option(help="Unknown-species score: knn or mahalanobis.")] = "knn",
     ood_percentile: Annotated[float, typer.Option(min=50, max=100, help="ood_max_score = this percentile of val scores.")] = 95.0,
-    min_edible_coverage: Annotated[Optional[float], typer.Option(min=0, max=1, help="Instead: the strictest ood percentile that keeps val edible coverage >= this.")] = None,
+    min_edible_coverage: Annotated[Optional[float], typer.Option(min=0, max=1, help="Instead: the strictest ood percentile that keeps val edible coverage >= this (no other pool only).")] = None,
+    max_unseen_edible: Annotated[float, typer.Option(min=0, max=1, help="Open-world calibration target: val unseen-species photos answered EDIBLE (needs prepare --other).")] = 0.01,
+    confidence_margin: Annotated[float, typer.Option(min=0, max=0.5, help="Written to thresholds.confidence_margin: the device demands this much more confidence.")] = 0.02,
+    ood_margin: Annotated[float, typer.Option(min=0, max=0.5, help="Written to thresholds.ood_margin: the device's ood threshold is this much stricter (int8 jitter).")] = 0.015,
+    mass_margin: Annotated[float, typer.Option(min=0, max=0.2, help="Written to thresholds.mass_margin: EDIBLE needs the non-edible mass this much under poisonous_max_mass (int8 jitter).")] = 0.0,
+    margins_why: Annotated[Optional[str], typer.Option(help="Where the margins come from, for the card (default: the assumed jitter).")] = None,
+    other_samples: Annotated[int, typer.Option(help="Other-pool test photos in samples/ (expected verdict UNSURE); 0 by default: the other pool's photos must not be redistributed.")] = 0,
 ) -> None:
-    """Quantize WORK/model.keras to an int8 bundle, gate it on val accuracy, calibrate thresholds, write BUNDLE."""
+    """Quantize WORK/model.keras to an int8 bundle, gate it on float/int8 agreement, calibrate thresholds, write BUNDLE."""
     from train.export import ExportOptions, export as run_export
 
     with _reported():
         result = run_export(work, ExportOptions(
-            out=out, calibration=calibration, max_drop=max_drop, force=force, name=name, version=version,
+            out=out, calibration=calibration, min_agreement=min_agreement, min_verdict_agreement=min_verdict_agreement,
+            gate_min_photos=gate_min_photos, max_new_edible=max_new_edible, force=force, name=name, version=version,
             samples=samples, max_poison_edible=max_poison_edible, min_edible_confidence=min_edible_confidence,
             ood_method=_ood_method(ood_method), ood_percentile=ood_percentile, min_edible_coverage=min_edible_coverage,
+            max_unseen_edible=max_unseen_edible, confidence_margin=confidence_margin, ood_margin=ood_margin,
+            mass_margin=mass_margin, other_samples=other_samples,
+            **({"margins_why": margins_why} if margins_why else {}),
         ))
         th, v = result.thresholds, result.val
         console.out.print(
             f"val top-1: float {result.float_top1:.4f}, int8 {result.int8_top1:.4f}; "
-            f"edible_min_confidence {th['edible_min_confidence']:.4f}, ood_max_score {th.get('ood_max_score') or 0:.3f}"
+            f"edible_min_confidence {th['edible_min_confidence']:.4f} (+{th.get('confidence_margin') or 0:g}), "
+            f"ood_max_score {th.get('ood_max_score') or 0:.3f} (-{th.get('ood_margin') or 0:g})"
         )
-        console.out.print(
-            f"val safety: poisonous answered EDIBLE {v['poisonous_as_edible']:.2%}, edible coverage "
-            f"{v['edible_coverage']:.2%}, UNSURE {v['unsure_rate']:.2%}, cost {v['cost']:.3f}"
-        )
+        eff = ((result.calibration or {}).get("expected_at_effective") or {}).get("val")
+        if eff:
+            console.out.print(
+                f"val at the effective thresholds: unseen species answered EDIBLE {eff['unseen_as_edible']['rate']:.2%} "
+                f"({eff['unseen_as_edible']['count']}/{eff['unseen_as_edible']['n']}), poisonous "
+                f"{eff['poisonous_as_edible']['rate']:.2%}, edible coverage {eff['edible_coverage']['rate']:.2%}"
+            )
+        else:
+            console.out.print(
+                f"val safety: poisonous answered EDIBLE {v['poisonous_as_edible']:.2%}, edible coverage "
+                f"{v['edible_coverage']:.2%}, UNSURE {v['unsure_rate']:.2%}, cost {v['cost']:.3f}"
+            )
+        g = result.gate or {}
+        if g:
+            console.out.print(f"int8 gate: top-1 agreement (known species) {g['top1_agreement_known']['count']}/{g['top1_agreement_known']['n']}, "
+                              f"verdict agreement {g['verdict_agreement']['count']}/{g['verdict_agreement']['n']}")
         console.out.print(f"bundle: {result.path} ({result.seconds:.0f} s)")
 
 
@@ -271,7 +302,7 @@ def _evaluate_aarch64(bundle: Path, source: Path, split: str, as_json: bool, rec
         if every:
             step = max(1, len(every) // unseen_limit)
             extra = every[::step][:unseen_limit]
-    paths = [p for p, _ in items] + extra
+    paths = [p for p, _, _ in items] + extra
     t0 = time.perf_counter()
     x86 = ev.classify_rows(b, paths, threads=os.cpu_count())
     t1 = time.perf_counter()

@@ -20,6 +20,14 @@ What `prepare` does, in order:
    sits on both sides of a split and inflates validation accuracy;
 6. writes WORK/manifest.json. No image is copied: paths in the manifest are RELATIVE to `data_dir`, which
    is stored as an absolute path (move the photos, then edit `data_dir` or re-run prepare).
+
+With `--other OTHER_DIR` (one folder per species of fungi that are NOT the known classes, e.g.
+../shared/data/fungi-other), those photos become one more class, `other` (role `other`: "not a species
+the model knows", never EDIBLE), and each record keeps its `species` (the folder name). The other pool is
+split **by species**: a species is wholly in train, val or test, so "unseen" figures on val/test are on
+species the model never saw. Near-duplicate groups are formed over both pools together; a group that
+spans two other species or an other species and a known class is dropped whole (the same photo under two
+names), so no photograph sits on two sides of the split.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ FORMAT = "mushcam-manifest/1"
 MANIFEST = "manifest.json"
 EDIBILITY_CSV = "edibility.csv"
 EDIBILITY = ("edible", "poisonous")
+OTHER = "other"  # label (and role) of the "not one of the known species" class
+OTHER_DISPLAY = "unknown fungus"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif"})
 SPLITS = ("train", "val", "test")
 NEAR_DUPLICATE_BITS = 4  # pHash Hamming distance treated as "the same photograph"
@@ -67,6 +77,7 @@ class ImageRecord:
     phash: str  # 16 hex digits
     group: int = -1
     split: str = ""
+    species: str = ""  # the species folder (other pool); empty for known classes, whose label is the species
 
 
 @dataclass
@@ -84,13 +95,26 @@ class Manifest:
     dropped: list[dict] = field(default_factory=list)  # {"path", "label", "reason"}: cross-class duplicates
     copies: list[dict] = field(default_factory=list)  # {"path", "label", "same_as"}: byte-identical copies
     created: str = ""
+    other_dir: Path | None = None  # the other pool's root (its records' paths are relative to it)
+    other_val: float = 0.0
+    other_test: float = 0.0
 
     def records(self, split: str | None = None) -> list[ImageRecord]:
         """Images of one split (or all), in manifest order."""
         return [r for r in self.images if split is None or r.split == split]
 
     def abspath(self, record: ImageRecord) -> Path:
+        if record.label == OTHER and self.other_dir is not None:
+            return self.other_dir / record.path
         return self.data_dir / record.path
+
+    def species(self, record: ImageRecord) -> str:
+        """The species a photo shows: its folder in the other pool, else its label."""
+        return record.species or record.label
+
+    def other_species(self, split: str) -> list[str]:
+        """The other-pool species of one split (sorted)."""
+        return sorted({r.species for r in self.records(split) if r.label == OTHER})
 
     def label_index(self, record: ImageRecord) -> int:
         return self.labels.index(record.label)
@@ -118,6 +142,8 @@ class Manifest:
             "skipped": self.skipped,
             "dropped": self.dropped,
             "copies": self.copies,
+            **({"other_dir": str(self.other_dir), "other_val": self.other_val, "other_test": self.other_test,
+                "other_species": {sp: self.other_species(sp) for sp in SPLITS}} if self.other_dir else {}),
         }
 
     def save(self, work: Path) -> Path:
@@ -147,6 +173,8 @@ class Manifest:
             Path(d["data_dir"]), list(d["labels"]), dict(d["classes"]), images, int(d.get("seed", 0)),
             float(d.get("val", 0.15)), float(d.get("test", 0.15)), list(d.get("skipped", [])),
             list(d.get("dropped", [])), list(d.get("copies", [])), str(d.get("created", "")),
+            Path(d["other_dir"]) if d.get("other_dir") else None, float(d.get("other_val", 0.0)),
+            float(d.get("other_test", 0.0)),
         )
 
 
@@ -210,8 +238,13 @@ def _phash(rgb: np.ndarray) -> int:
     return int(str(imagehash.phash(Image.fromarray(rgb))), 16)
 
 
-def scan(data_dir: Path, labels: Sequence[str], track: Track = _no_progress) -> tuple[list[ImageRecord], list[dict]]:
-    """Decode and hash every file of every class; return (usable images, skipped files with reasons)."""
+def scan(data_dir: Path, labels: Sequence[str], track: Track = _no_progress,
+         as_other: bool = False) -> tuple[list[ImageRecord], list[dict]]:
+    """Decode and hash every file of every class; return (usable images, skipped files with reasons).
+
+    With `as_other`, `labels` are species folders of the other pool: each record is labelled `other`
+    and keeps its folder as `species`.
+    """
     from device.preprocess import load_image
 
     data_dir = Path(data_dir)
@@ -233,7 +266,11 @@ def scan(data_dir: Path, labels: Sequence[str], track: Track = _no_progress) -> 
         except OSError as e:
             skipped.append({"path": rel, "reason": f"cannot read ({e.strerror or e})"})
             continue
-        records.append(ImageRecord(rel, label, hashlib.sha256(data).hexdigest(), f"{_phash(rgb):016x}"))
+        digest, ph = hashlib.sha256(data).hexdigest(), f"{_phash(rgb):016x}"
+        if as_other:
+            records.append(ImageRecord(rel, OTHER, digest, ph, species=label))
+        else:
+            records.append(ImageRecord(rel, label, digest, ph))
     return records, skipped
 
 
@@ -287,7 +324,8 @@ def _resolve_duplicates(records: list[ImageRecord]) -> tuple[list[ImageRecord], 
     dropped: list[dict] = []
     copies: list[dict] = []
     for members in by_group.values():
-        labels = sorted({m.label for m in members})
+        # Other-pool photos count under their species: one photo under two species names is label noise too.
+        labels = sorted({m.species or m.label for m in members})
         if len(labels) > 1:
             for m in members:
                 dropped.append({
@@ -302,7 +340,7 @@ def _resolve_duplicates(records: list[ImageRecord]) -> tuple[list[ImageRecord], 
             else:
                 seen[m.sha256] = m.path
                 kept.append(m)
-    kept.sort(key=lambda r: (r.label, r.path))
+    kept.sort(key=lambda r: (r.label, r.species, r.path))
     dropped.sort(key=lambda d: d["path"])
     return kept, dropped, copies
 
@@ -332,21 +370,67 @@ def split_groups(records: list[ImageRecord], labels: Sequence[str], seed: int, v
             have[split] += len(groups[gid])
 
 
+def split_species(records: list[ImageRecord], seed: int, val: float, test: float) -> None:
+    """Assign each other-pool record's `split` by SPECIES: a species is wholly in train, val or test.
+
+    The species are shuffled (seeded) and each goes to the split furthest below its target share of the
+    pool's photos, so the splits get about the asked fraction of photos, not of species.
+    """
+    fractions = {"train": 1.0 - val - test, "val": val, "test": test}
+    by_species: dict[str, list[ImageRecord]] = {}
+    for r in records:
+        by_species.setdefault(r.species, []).append(r)
+    order = sorted(by_species)
+    rng = np.random.default_rng([seed, zlib.crc32(OTHER.encode())])
+    rng.shuffle(order)
+    n = sum(len(v) for v in by_species.values())
+    have = {s: 0 for s in SPLITS}
+    for sp in order:
+        split = max(("val", "test", "train"), key=lambda s: fractions[s] * n - have[s] if fractions[s] > 0 else -1e9)
+        for r in by_species[sp]:
+            r.split = split
+        have[split] += len(by_species[sp])
+
+
+def other_folders(other_dir: Path) -> list[str]:
+    """Species folders of the other pool (sorted; hidden ones ignored)."""
+    return [p.name for p in class_folders(other_dir)]
+
+
 def prepare(
-    data_dir: Path, work: Path, seed: int = 0, val: float = 0.15, test: float = 0.15, track: Track = _no_progress
+    data_dir: Path, work: Path, seed: int = 0, val: float = 0.15, test: float = 0.15, track: Track = _no_progress,
+    other_dir: Path | None = None, other_val: float = 0.25, other_test: float = 0.25,
 ) -> Manifest:
-    """Scan DATA_DIR, group duplicates, split, and write WORK/manifest.json; return the manifest."""
+    """Scan DATA_DIR (and OTHER_DIR), group duplicates, split, and write WORK/manifest.json; return the manifest."""
     if not (0.0 <= val < 1.0 and 0.0 <= test < 1.0 and val + test < 1.0):
         raise DataError(f"--val {val} and --test {test} must each be in [0, 1) and sum to less than 1")
+    if other_dir is not None and not (0.0 <= other_val < 1.0 and 0.0 <= other_test < 1.0 and other_val + other_test < 1.0):
+        raise DataError(f"--other-val {other_val} and --other-test {other_test} must each be in [0, 1) and sum to less than 1")
     data_dir = Path(data_dir).resolve()
     labels = [p.name for p in class_folders(data_dir)]
     if len(labels) < 2:
         raise DataError(f"{data_dir}: only one class ({labels[0]}); a classifier needs at least 2 class folders")
+    if OTHER in labels:
+        raise DataError(f"{data_dir}: a class folder is named {OTHER!r}, the name reserved for --other; rename it")
     classes = read_edibility(data_dir, labels)  # fail before the slow scan
+    species: list[str] = []
+    if other_dir is not None:
+        other_dir = Path(other_dir).resolve()
+        species = other_folders(other_dir)
+        clash = sorted(set(species) & set(labels))
+        if clash:
+            raise DataError(f"{other_dir}: species folder {clash[0]!r} is also a known class; the other pool "
+                            "must hold only species the model is not to know")
     records, skipped = scan(data_dir, labels, track)
+    if other_dir is not None:
+        other_recs, other_skipped = scan(other_dir, species, track, as_other=True)
+        records += other_recs
+        skipped += [{**s, "pool": "other"} for s in other_skipped]
     for r, gid in zip(records, group_duplicates(records)):
         r.group = gid
     kept, dropped, copies = _resolve_duplicates(records)
+    others = [r for r in kept if r.label == OTHER]
+    kept = [r for r in kept if r.label != OTHER]
     counts = {lab: 0 for lab in labels}
     for r in kept:
         counts[r.label] += 1
@@ -360,12 +444,21 @@ def prepare(
         )
     # Renumber groups densely after dropping, in manifest order, so group ids are stable for a data set.
     renumber: dict[int, int] = {}
-    for r in kept:
+    for r in kept + others:  # known classes first: their group ids (and so their split) do not depend on --other
         r.group = renumber.setdefault(r.group, len(renumber))
     split_groups(kept, labels, seed, val, test)
+    if other_dir is not None:
+        if not others:
+            raise DataError(f"{other_dir}: no usable images in any species folder")
+        split_species(others, seed, other_val, other_test)
+        kept += others
+        labels = labels + [OTHER]
+        # edibility "poisonous": an older device that knows no roles still never answers EDIBLE for it.
+        classes[OTHER] = {"edibility": "poisonous", "role": OTHER, "display_name": OTHER_DISPLAY}
     manifest = Manifest(
         data_dir, labels, classes, kept, seed, val, test, skipped, dropped, copies,
         datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        other_dir, other_val if other_dir else 0.0, other_test if other_dir else 0.0,
     )
     manifest.save(work)
     return manifest

@@ -11,6 +11,13 @@ Figures (all per photo):
 - unsure_rate: fraction of all photos answered UNSURE;
 - cost: FungiCLEF-style mean cost per photo, 100 for each poisonous photo answered EDIBLE and 1 for
   each edible photo not answered EDIBLE (UNSURE or POISONOUS).
+
+Open world (a WORK dir prepared with --other): photos of the other pool's species in the split are
+*unseen* (held out of training by species). They are kept out of top-1 and of the table above and give
+- unseen_as_edible: share of them answered EDIBLE, with a Wilson 95% interval, and per species (the worst
+  one, and those with >= 5 photos over 5%);
+- a risk-coverage curve (report: risk_coverage.png/.csv): unseen->EDIBLE against edible coverage as
+  edible_min_confidence and ood_max_score move on a grid (the frontier), the bundle's point marked.
 """
 
 from __future__ import annotations
@@ -25,18 +32,22 @@ import numpy as np
 from device.bundle import write_card
 from device.errors import DataError, ImageError
 from train import console
-from train.dataset import IMAGE_SUFFIXES, MANIFEST, Manifest, class_folders, list_files
+from train.dataset import IMAGE_SUFFIXES, MANIFEST, OTHER, Manifest, class_folders, list_files
 from train.metrics import safety_figures
 
 VERDICTS = ("EDIBLE", "POISONOUS", "UNSURE")
 
 
-def collect(source: Path, labels: list[str], split: str) -> tuple[list[tuple[Path, str]], str]:
-    """(path, true label) pairs from a WORK dir's manifest split or a folder-per-class DATA_DIR."""
+def collect(source: Path, labels: list[str], split: str) -> tuple[list[tuple[Path, str, str]], str]:
+    """(path, true label, species) triples from a WORK dir's manifest split or a folder-per-class DATA_DIR.
+
+    Photos of the other pool have label `other` (whether or not the bundle has that class) and their
+    species; known photos have their label as species.
+    """
     source = Path(source)
     if (source / MANIFEST).is_file():
         manifest = Manifest.load(source)
-        items = [(manifest.abspath(r), r.label) for r in manifest.records(split)]
+        items = [(manifest.abspath(r), r.label, manifest.species(r)) for r in manifest.records(split)]
         if not items:
             raise DataError(f"{source}: the manifest has no images in split {split!r} (try --split val)")
         where = f"{source} ({split} split)"
@@ -48,11 +59,11 @@ def collect(source: Path, labels: list[str], split: str) -> tuple[list[tuple[Pat
                 f"{source}: class folder(s) {', '.join(unknown)} are not labels of the bundle "
                 f"({', '.join(labels)}); evaluate only species the model knows"
             )
-        items = [(p, f.name) for f in folders for p in list_files(f) if p.suffix.lower() in IMAGE_SUFFIXES]
+        items = [(p, f.name, f.name) for f in folders for p in list_files(f) if p.suffix.lower() in IMAGE_SUFFIXES]
         if not items:
             raise DataError(f"{source}: no images in the class folders")
         where = f"{source} (all images)"
-    missing = sorted({lab for _, lab in items} - set(labels))
+    missing = sorted({lab for _, lab, _ in items} - set(labels) - {OTHER})
     if missing:
         raise DataError(f"{source}: label(s) {', '.join(missing)} are not in the bundle; it was trained on other classes")
     return items, where
@@ -105,20 +116,31 @@ def evaluate(bundle_path: Path, source: Path, split: str = "test", threads: int 
     items, where = collect(source, labels, split)
     t0 = time.perf_counter()
     if rows is None:
-        rows = classify_rows(bundle, [p for p, _ in items], threads)
+        rows = classify_rows(bundle, [p for p, _, _ in items], threads)
     return summarize(bundle, items, rows, where, time.perf_counter() - t0)
 
 
-def summarize(bundle, items: list[tuple[Path, str]], rows: list[dict], where: str, seconds: float) -> dict:
-    """The figures of per-photo rows against their true labels."""
+def summarize(bundle, items: list[tuple[Path, str, str]], rows: list[dict], where: str, seconds: float) -> dict:
+    """The figures of per-photo rows (`classify_rows`, or the same rows from the arm64 root) against their
+    true labels; photos of the other pool (label `other`) are the unseen species."""
     labels = list(bundle.labels)
     if len(rows) != len(items):
         raise DataError(f"{where}: {len(rows)} results for {len(items)} photos")
     y_true, y_pred, verdicts, confidences, oods, latencies, skipped = [], [], [], [], [], [], []
-    for (path, label), row in zip(items, rows):
+    unseen_rows: list[dict] = []
+    all_probs, all_oods, all_kind, all_species = [], [], [], []
+    for (path, label, species), row in zip(items, rows):
         if "error" in row:
             skipped.append({"path": str(path), "reason": row["error"]})
             continue
+        all_probs.append(np.array([row["probs"][lab] for lab in labels], dtype=np.float64))
+        all_oods.append(np.nan if row["ood_score"] is None else row["ood_score"])
+        all_species.append(species)
+        if label == OTHER:
+            all_kind.append("other")
+            unseen_rows.append({"species": species, "verdict": row["verdict"], "label": row["label"]})
+            continue
+        all_kind.append(bundle.classes[label].kind)
         y_true.append(labels.index(label))
         y_pred.append(labels.index(row["label"]))
         verdicts.append(row["verdict"])
@@ -128,7 +150,7 @@ def summarize(bundle, items: list[tuple[Path, str]], rows: list[dict], where: st
     if not y_true:
         raise DataError(f"{where}: no photo could be decoded")
     yt, yp = np.array(y_true), np.array(y_pred)
-    poison = np.array([bundle.classes[lab].edibility == "poisonous" for lab in labels], dtype=bool)
+    poison = np.array([bundle.classes[lab].kind != "edible" for lab in labels], dtype=bool)
     safety = safety_figures(verdicts, yt, poison)
     confusion = np.zeros((len(labels), len(labels)), dtype=int)
     for t, p in zip(yt, yp):
@@ -155,9 +177,69 @@ def summarize(bundle, items: list[tuple[Path, str]], rows: list[dict], where: st
         "seconds": seconds,
         "thresholds": dict(bundle.card.get("thresholds") or {}),
         "skipped": skipped,
+        **_open_world(bundle, verdicts, yt, poison, unseen_rows),
         "_records": {"y_true": yt.tolist(), "y_pred": yp.tolist(), "verdicts": verdicts,
                      "confidence": confidences, "ood": oods},
+        "_table": {"probs": np.array(all_probs), "ood": np.array(all_oods, dtype=float), "kind": np.array(all_kind),
+                   "species": all_species},
     }
+
+
+def _open_world(bundle, verdicts, yt, poison, unseen_rows) -> dict:
+    """Unseen-species figures (Wilson intervals), only when the source has other-pool photos."""
+    if not unseen_rows:
+        return {}
+    from train.openworld import rate
+
+    edible_answer = np.array([v == "EDIBLE" for v in verdicts], dtype=bool)
+    known_poison = poison[yt] if len(yt) else np.zeros(0, bool)
+    per: dict[str, list[int]] = {}
+    for r in unseen_rows:
+        k = per.setdefault(r["species"], [0, 0])
+        k[0] += r["verdict"] == "EDIBLE"
+        k[1] += 1
+    worst = max(per.items(), key=lambda kv: (kv[1][0] / kv[1][1], kv[1][1]))
+    return {"open_world": {
+        "unseen_as_edible": rate(sum(r["verdict"] == "EDIBLE" for r in unseen_rows), len(unseen_rows)),
+        "unseen_verdicts": {v: sum(r["verdict"] == v for r in unseen_rows) for v in VERDICTS},
+        "unseen_species": len(per),
+        "unseen_species_with_edible": sorted(s for s, (k, _) in per.items() if k),
+        "worst_unseen_species": {"species": worst[0], **rate(*worst[1])},
+        "unseen_species_over_5pct": sorted(s for s, (k, n) in per.items() if n >= 5 and k / n > 0.05),
+        "edible_coverage": rate(int((edible_answer & ~known_poison).sum()), int((~known_poison).sum())),
+        "poisonous_as_edible": rate(int((edible_answer & known_poison).sum()), int(known_poison.sum())),
+    }}
+
+
+def plot_risk_coverage(result: dict, folder: Path, bundle_path: Path) -> Path | None:
+    """The risk-coverage curve of this split (PNG + CSV), the bundle's operating point marked."""
+    from dataclasses import replace
+
+    from device.bundle import load_bundle
+    from train import openworld as ow
+
+    t = result.get("_table")
+    if not result.get("open_world") or t is None:
+        return None
+    bundle = load_bundle(bundle_path)
+    edible_labels = np.array([bundle.classes[lab].kind == "edible" for lab in bundle.labels])
+    kind = t["kind"]
+    g = ow.Groups(kind == "edible", kind == "poisonous", kind == "other")
+    probs, oods = t["probs"], (None if bundle.thresholds.ood_max_score is None else t["ood"])
+    base = replace(bundle.thresholds, confidence_margin=0.0, ood_margin=0.0)
+    conf_grid = np.unique(np.concatenate([[0.5], ow.candidates(probs.max(axis=1), 50)]))
+    ood_grid = None if oods is None else ow.candidates(oods, 100)
+    from train.export import MASS_GRID
+
+    _, table = ow.search(probs, oods, edible_labels, g, base, conf_grid, ood_grid, 1.0, 1.0,
+                         sorted({base.poisonous_max_mass, *MASS_GRID}))
+    m = ow.edible_mask(probs, oods, edible_labels, bundle.thresholds)
+    mark = (float((m & g.unseen).sum() / max(1, g.unseen.sum())), float((m & g.edible).sum() / max(1, g.edible.sum())))
+    png = Path(folder) / "risk_coverage.png"
+    ow.write_curve({"thresholds moved (frontier)": ow.frontier(table)}, Path(folder) / "risk_coverage.csv", png,
+                   f"{result['source']}: {int(g.unseen.sum())} unseen photos, {int(g.edible.sum())} edible",
+                   {"the bundle's thresholds": mark})
+    return png
 
 
 def plot_confusion(result: dict, path: Path) -> Path:
@@ -242,6 +324,23 @@ def write_report(result: dict, folder: Path) -> Path:
     ]
     for e, row in result["verdicts"].items():
         lines.append(f"| {e} | {row['EDIBLE']} | {row['POISONOUS']} | {row['UNSURE']} |")
+    ow_ = result.get("open_world")
+    if ow_:
+        w = ow_["worst_unseen_species"]
+        lines += [
+            "", "## Unseen species (other pool, held out of training by species)", "",
+            "| figure | value |", "|---|---|",
+            f"| unseen species answered EDIBLE | {_rate_text(ow_['unseen_as_edible'])} |",
+            f"| unseen verdicts | {ow_['unseen_verdicts']} |",
+            f"| species | {ow_['unseen_species']}; with any EDIBLE: {len(ow_['unseen_species_with_edible'])} "
+            f"({', '.join(ow_['unseen_species_with_edible']) or 'none'}) |",
+            f"| worst species | {w['species']}: {_rate_text(w)} |",
+            f"| species (>= 5 photos) over 5% EDIBLE | {', '.join(ow_['unseen_species_over_5pct']) or 'none'} |",
+            f"| known edible answered EDIBLE (coverage) | {_rate_text(ow_['edible_coverage'])} |",
+            f"| known poisonous answered EDIBLE | {_rate_text(ow_['poisonous_as_edible'])} |",
+        ]
+        if plot_risk_coverage(result, folder, Path(b["path"])):
+            lines += ["", "![risk-coverage](risk_coverage.png)", "", "Data: `risk_coverage.csv`."]
     lines += ["", "## Per class", "", "| class | precision | recall | F1 | photos |", "|---|---|---|---|---|"]
     for lab, m in result["per_class"].items():
         lines.append(f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
@@ -257,6 +356,11 @@ def write_report(result: dict, folder: Path) -> Path:
 def public(result: dict) -> dict:
     """The result without the per-photo records (what --json prints)."""
     return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def _rate_text(r: dict) -> str:
+    lo, hi = r["wilson95"]
+    return f"{r['rate']:.2%} ({r['count']}/{r['n']}; 95% CI {lo:.1%}-{hi:.1%})"
 
 
 def record_in_card(bundle_path: Path, split: str, result: dict) -> None:
@@ -289,6 +393,12 @@ def print_result(result: dict) -> None:
     t.add_row("UNSURE rate", f"{result['unsure_rate']:.2%}")
     t.add_row("cost per photo", f"{result['cost']:.3f}")
     t.add_row("latency mean / p95", f"{result['latency_ms']['mean']:.1f} / {result['latency_ms']['p95']:.1f} ms")
+    ow_ = result.get("open_world")
+    if ow_:
+        t.add_row("unseen species answered EDIBLE", _rate_text(ow_["unseen_as_edible"]))
+        w = ow_["worst_unseen_species"]
+        t.add_row("worst unseen species", f"{w['species']}: {w['count']}/{w['n']}")
+        t.add_row("edible coverage (95% CI)", _rate_text(ow_["edible_coverage"]))
     out.print(t)
     pc = Table(title="per class")
     for col in ("class", "precision", "recall", "F1", "photos"):

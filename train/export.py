@@ -5,21 +5,29 @@
    Both outputs stay raw: `logits` (the device applies softmax in float; a quantized softmax saturates,
    measured here at 1.0 on a wrong label) and `embedding`.
 2. The card's `input`/`outputs` quantization is read back from the converted model with the device's
-   interpreter, never assumed.
-3. Gate: the float Keras model and the int8 model (run by device.classifier, i.e. device preprocessing and
-   the device interpreter) are compared on the val split; a top-1 drop above --max-drop points refuses
-   the export (ExportGateError) unless --force.
-4. Unknown-species data: device.ood.fit_ood on the int8 embeddings of the train split -> ood.npz.
-5. Thresholds, calibrated on val with device.verdict.decide itself:
-   - `ood_max_score` = the 95th percentile of the val photos' scores (all val photos are known species,
-     so about 5% of familiar photos are answered UNSURE for looking unfamiliar);
-   - `edible_min_confidence` = the lowest threshold (most edible coverage) at which the fraction of
-     poisonous val photos answered EDIBLE stays <= --max-poison-edible (default 0.5%), but never below
-     --min-edible-confidence (default 0.9): a few hundred val photos are thin evidence, so the floor
-     keeps a margin. If no threshold <= 1 meets the target, the export is refused unless --force.
-6. samples/: K photos per class from the test split (else val), longest side <= 320 px, JPEG q85, each
-   checked to classify as its label with the new bundle (so `mushcam selftest` passes on the device).
-7. Everything is written into a temp dir beside BUNDLE, validated with device.bundle.load_bundle, then
+   interpreter, never assumed. The card's classes carry their `role` (edible / poisonous / other).
+3. Every split goes through device.classifier (device preprocessing, the device interpreter).
+4. Unknown-species index (device.ood.fit_knn) on the int8 train embeddings of the known classes; with an
+   `other` class, the other pool's train embeddings are stored as negatives (score d_known / (d_known +
+   d_other)); PCA to `ood_dims` and int8 rows keep ood.npz small.
+5. Thresholds, with device.verdict.decide's policy (a vectorised mirror, checked against decide):
+   - open world (the manifest has other-pool val species): the loosest (edible_min_confidence,
+     ood_max_score) on a grid of val quantiles with val unseen-species->EDIBLE <= --max-unseen-edible (1%)
+     and poisonous->EDIBLE <= --max-poison-edible (0.5%), margins 0; then --confidence-margin and
+     --ood-margin are written into the card (the device is stricter than the calibrated point by the
+     int8 jitter between machines) and the expected figures at the effective thresholds, with Wilson 95%
+     intervals, go into `calibration`. WORK/openworld/ gets the score comparison and the risk-coverage
+     curve (evaluation only);
+   - closed world (no other pool): ood_max_score = a val percentile, edible_min_confidence = the lowest
+     keeping poisonous val photos EDIBLE <= --max-poison-edible, never below --min-edible-confidence.
+6. Gate: float Keras vs int8 through the device must agree on top-1 over every photo not used for
+   quantization calibration, and on the verdict over val + test, each on >= --gate-min-photos photos with a
+   Wilson 95% lower bound >= --min-agreement / --min-verdict-agreement; else ExportGateError (unless --force).
+7. samples/: K photos per known class from the test split (else val), longest side <= 320 px, JPEG q85, each
+   checked to classify as its label with the new bundle, plus --other-samples other-pool test photos the
+   bundle files under `other` (verdict UNSURE); each entry records its verdict, and each file is in `files`
+   with its sha256.
+8. Everything is written into a temp dir beside BUNDLE, validated with device.bundle.load_bundle, then
    renamed into place; an existing BUNDLE is replaced only once the new one is complete (old -> backup,
    new -> BUNDLE, backup removed).
 """
@@ -40,12 +48,13 @@ import numpy as np
 
 from device.errors import BundleError, DataError, ExportGateError
 from train import console
-from train.dataset import ImageRecord, Manifest, load_rgb_arrays, sha256_of
+from train.dataset import OTHER, ImageRecord, Manifest, load_rgb_arrays, sha256_of
 from train.fit import MODEL_FILE, load_fit_info, training_input_spec
 from train.metrics import poisonous_mask, safety_figures
 from train.model_spec import get_spec
 
 OOD_PERCENTILE = 95.0
+MASS_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25)  # candidate poisonous_max_mass (device floor: <= 0.25)
 OOD_DIMS = 64
 SAMPLE_MAX_SIDE = 320
 SAMPLE_QUALITY = 85
@@ -57,7 +66,11 @@ class ExportOptions:
 
     out: Path
     calibration: int = 400
-    max_drop: float = 1.0  # top-1 points
+    # int8 gate: float/int8 agreement over every photo not used for quantization calibration (see gate())
+    min_agreement: float = 0.95  # Wilson 95% lower bound of top-1 agreement (known species)
+    min_verdict_agreement: float = 0.90  # Wilson 95% lower bound of verdict agreement (val + test)
+    max_new_edible: float = 0.02  # Wilson 95% upper bound: int8 EDIBLE where float is not
+    gate_min_photos: int = 200
     force: bool = False
     name: str | None = None
     version: str | None = None
@@ -69,6 +82,16 @@ class ExportOptions:
     ood_k: int = 1
     ood_percentile: float = OOD_PERCENTILE  # of val (known-species) scores: ood_max_score
     min_edible_coverage: float | None = None  # if set: the strictest ood percentile keeping this val coverage
+    # Open-world calibration (a manifest with an `other` class): val other-pool species are the unseen ones.
+    max_unseen_edible: float = 0.01
+    confidence_margin: float = 0.02
+    ood_margin: float = 0.015
+    mass_margin: float = 0.0
+    margins_why: str = "assumed int8 score jitter between this machine and the Pi (issue 9: +/-0.015) until measured"
+    ood_negatives: bool = True  # other-pool train embeddings in the kNN index as negatives
+    ood_dims: int | None = 256  # PCA dims of the kNN index (None: full embedding)
+    ood_int8: bool = True  # int8 rows in the kNN index
+    other_samples: int = 0  # other-pool test photos in samples/ (expected verdict UNSURE; the pool says: do not redistribute)
 
 
 @dataclass
@@ -82,6 +105,8 @@ class ExportResult:
     val: dict
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    calibration: dict | None = None
+    gate: dict | None = None
 
 
 def convert_int8(model, images: np.ndarray, spec) -> bytes:
@@ -154,13 +179,18 @@ class _Recorder:
         return getattr(self.engine, name)
 
 
-def device_scores(classifier, recorder: _Recorder, paths: list[Path], description: str):
-    """(probs (n, k), embeddings (n, d) or None, ood scores or None) of files, via device.classifier."""
+def device_scores(classifier, recorder: _Recorder, paths: list[Path], description: str, logits: list | None = None):
+    """(probs (n, k), embeddings (n, d) or None, ood scores or None) of files, via device.classifier.
+
+    `logits`: a list to append each photo's dequantized logits to (for the energy / max-logit scores).
+    """
     probs, embs, oods = [], [], []
     for p in console.track(paths, description):
         pr, ood = classifier.scores(p)
         probs.append(pr)
         embs.append(recorder.last.embedding)
+        if logits is not None:
+            logits.append(np.asarray(recorder.last.logits, dtype=np.float32))
         oods.append(ood)
     emb = None if any(e is None for e in embs) else np.stack(embs)
     ood_arr = None if any(o is None for o in oods) else np.asarray(oods, dtype=np.float64)
@@ -221,8 +251,12 @@ def calibrate_edible(probs, oods, y, labels, bundle_classes, base: dict, target:
     return None, None
 
 
-def write_samples(stage: Path, manifest: Manifest, classifier, k: int, seed: int) -> tuple[list[dict], list[str]]:
-    """K small JPEGs per class that the new bundle classifies correctly; returns (card entries, warnings)."""
+def write_samples(stage: Path, manifest: Manifest, classifier, k: int, seed: int,
+                  k_other: int = 0) -> tuple[list[dict], list[str]]:
+    """K small JPEGs per known class that the new bundle classifies correctly (and `k_other` other-pool
+    test photos it files under `other`, verdict UNSURE); returns (card entries, warnings).
+
+    Each entry records the verdict the bundle gives the sample: the device's self-test can check it."""
     from PIL import Image
 
     from device.preprocess import load_image
@@ -234,23 +268,26 @@ def write_samples(stage: Path, manifest: Manifest, classifier, k: int, seed: int
     notes: list[str] = []
     rng = np.random.default_rng(seed)
     for label in manifest.labels:
+        want = k_other if label == OTHER else k
         recs = [r for r in manifest.records(split) if r.label == label]
         rng.shuffle(recs)
         got = 0
         for r in recs:
-            if got >= k:
+            if got >= want:
                 break
             img = Image.fromarray(load_image(manifest.abspath(r)))
             img.thumbnail((SAMPLE_MAX_SIDE, SAMPLE_MAX_SIDE), Image.LANCZOS)
             name = f"samples/{label}_{got + 1}.jpg"
             img.save(stage / name, "JPEG", quality=SAMPLE_QUALITY)
-            if classifier.classify(stage / name).label != label:
+            result = classifier.classify(stage / name)
+            if result.label != label or (label == OTHER and result.verdict != "UNSURE"):
                 (stage / name).unlink()
                 continue
-            entries.append({"file": name, "label": label, "source": f"{split}: {r.path}"})
+            entries.append({"file": name, "label": label, "verdict": result.verdict,
+                            "source": f"{split}: {manifest.species(r) + ': ' if label == OTHER else ''}{r.path}"})
             got += 1
-        if got < k:
-            notes.append(f"only {got} of {k} {split} samples of {label} classify correctly; samples/ has {got}")
+        if got < want:
+            notes.append(f"only {got} of {want} {split} samples of {label} classify correctly; samples/ has {got}")
     return entries, notes
 
 
@@ -292,13 +329,97 @@ def _sample_records(records: list[ImageRecord], n: int, seed: int) -> list[Image
     return [records[i] for i in idx]
 
 
+def role_of(info: dict) -> str:
+    """A manifest class's role: its `role` (the other pool's class), else its edibility."""
+    return str(info.get("role") or info["edibility"])
+
+
+def float_outputs(model, manifest: Manifest, records: list[ImageRecord], spec, description: str, chunk: int = 256):
+    """(logits, embeddings) of the float Keras model, loaded in chunks (thousands of photos would not fit)."""
+    from device import preprocess as dp
+
+    logits, embs = [], []
+    for i in range(0, len(records), chunk):
+        x, _ = load_rgb_arrays(manifest, records[i:i + chunk], spec, console.track, f"{description} {i // chunk + 1}")
+        lo, em = model.predict(dp.normalize(x, spec), batch_size=32, verbose=0)
+        logits.append(lo)
+        embs.append(em)
+    if not logits:
+        return np.zeros((0, 0)), np.zeros((0, 0))
+    return np.concatenate(logits), np.concatenate(embs)
+
+
+def gate(top1_same: np.ndarray, verdict_same: np.ndarray, new_edible: np.ndarray,
+         opts: ExportOptions) -> tuple[dict, str | None]:
+    """The int8 gate: the int8 model must give the float model's answers, measured with enough photos.
+
+    A val-only top-1 comparison on a small val set lets one photo refuse a model (one photo of 15 is 6.7
+    points). Here, each with >= opts.gate_min_photos photos and a Wilson 95% bound:
+    - top1_same: top-1 agreement on photos of KNOWN species not used for quantization calibration
+      (lower bound >= min_agreement); other-pool photos are left out because an unseen species sits
+      between classes by nature, so its top-1 flips under any perturbation without meaning a broken model;
+    - verdict_same: verdict agreement on val + test (lower bound >= min_verdict_agreement);
+    - new_edible: among val + test photos the float model does NOT answer EDIBLE, which ones int8 does
+      (upper bound <= max_new_edible): the one direction of disagreement that can hurt someone.
+    Returns (figures, refusal message or None).
+    """
+    from train.openworld import rate
+
+    t = rate(int(top1_same.sum()), len(top1_same))
+    v = rate(int(verdict_same.sum()), len(verdict_same))
+    e = rate(int(new_edible.sum()), len(new_edible))
+    figures = {"top1_agreement_known": t, "verdict_agreement": v, "int8_edible_where_float_not": e,
+               "min_photos": opts.gate_min_photos, "min_top1_lower_bound": opts.min_agreement,
+               "min_verdict_lower_bound": opts.min_verdict_agreement, "max_new_edible_upper_bound": opts.max_new_edible}
+    problems = []
+    for name, r, limit in (("top-1 (known species)", t, opts.min_agreement), ("verdict", v, opts.min_verdict_agreement)):
+        if r["n"] < opts.gate_min_photos:
+            problems.append(f"{name} agreement measured on {r['n']} photos, fewer than --gate-min-photos "
+                            f"{opts.gate_min_photos}")
+        elif r["wilson95"][0] < limit:
+            problems.append(f"float and int8 {name} agree on {r['count']}/{r['n']} photos (Wilson 95% lower bound "
+                            f"{r['wilson95'][0]:.4f} < {limit})")
+    if e["n"] >= opts.gate_min_photos and e["wilson95"][1] > opts.max_new_edible:
+        problems.append(f"int8 answers EDIBLE on {e['count']}/{e['n']} photos the float model does not (Wilson 95% "
+                        f"upper bound {e['wilson95'][1]:.4f} > {opts.max_new_edible})")
+    if not problems:
+        return figures, None
+    return figures, ("int8 gate: " + "; ".join(problems) + "; bundle not written. Retrain, try more --calibration "
+                     "images, add photos, or pass --force")
+
+
+def open_world_calibration(probs, oods, labels, bundle_classes, g, base, opts: ExportOptions):
+    """The loosest (edible_min_confidence, ood_max_score) with unseen->EDIBLE <= opts.max_unseen_edible and
+    poisonous->EDIBLE <= opts.max_poison_edible on val, margins 0 (train.openworld.search)."""
+    from dataclasses import replace
+
+    from train import openworld as ow
+
+    edible_labels = np.array([bundle_classes[lab].kind == "edible" for lab in labels])
+    conf = probs.max(axis=1)
+    conf_grid = np.unique(np.concatenate([[opts.min_edible_confidence],
+                                          ow.candidates(conf[conf >= opts.min_edible_confidence], 40)]))
+    conf_grid = conf_grid[(conf_grid >= opts.min_edible_confidence) & (conf_grid <= 1.0)]
+    ood_grid = None if oods is None else ow.candidates(oods, 80)
+    base = replace(base, confidence_margin=0.0, ood_margin=0.0, mass_margin=0.0)
+    # The cap on non-edible mass (poisonous + other) is searched too: with an `other` class it is an
+    # unknown-species score of its own (p(other) was the best single score on val species).
+    mass_grid = sorted({base.poisonous_max_mass, *MASS_GRID})
+    best, table = ow.search(probs, oods, edible_labels, g, base, conf_grid, ood_grid, opts.max_unseen_edible,
+                            opts.max_poison_edible, mass_grid)
+    return best, table, edible_labels
+
+
 def export(work: Path, opts: ExportOptions) -> ExportResult:
     """Convert, gate, calibrate and write the bundle to opts.out (see the module docstring)."""
-    from device import preprocess as dp
+    from dataclasses import replace
+
     from device.bundle import Thresholds, load_bundle, sha256_file, write_card
     from device.classifier import Classifier
     from device.engine import load_engine
     from device.ood import fit_knn, fit_ood, load_ood
+    from device.verdict import softmax
+    from train import openworld as ow
 
     t0 = time.perf_counter()
     work, out = Path(work), Path(opts.out).absolute()
@@ -314,9 +435,12 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
     float_spec = training_input_spec(spec, size)
     labels, n = manifest.labels, len(manifest.labels)
     seed = int(info["hparams"].get("seed", 0))
-    train_recs, val_recs = manifest.records("train"), manifest.records("val")
+    train_recs, val_recs, test_recs = manifest.records("train"), manifest.records("val"), manifest.records("test")
     if not val_recs:
         raise DataError(f"{work}: no validation images to check the int8 model on; re-run prepare with --val > 0")
+    roles = {lab: role_of(manifest.classes[lab]) for lab in labels}
+    other_index = labels.index(OTHER) if roles.get(OTHER) == "other" else None
+    open_world = other_index is not None and any(r.label == OTHER for r in val_recs)
 
     from train._tf import import_keras
 
@@ -350,8 +474,8 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
             "version": opts.version or created.strftime("%Y.%m.%d-%H%M"),
             "created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "labels": labels,
-            "classes": {lab: {"edibility": classes[lab]["edibility"], "display_name": classes[lab]["display_name"]}
-                        for lab in labels},
+            "classes": {lab: {"edibility": classes[lab]["edibility"], "role": roles[lab],
+                              "display_name": classes[lab]["display_name"]} for lab in labels},
             "input": {**spec.input_dict(size), **input_q},
             "outputs": outputs,
             "thresholds": dict(thresholds),
@@ -362,81 +486,166 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
         recorder = _Recorder(load_engine(bundle, "cpu", opts.threads))
         classifier = Classifier(bundle, engine=recorder)
 
-        # Gate: float Keras vs int8 through the device, same val photos.
-        x_val, y_val = load_rgb_arrays(manifest, val_recs, float_spec, console.track, "loading val")
-        float_logits = model.predict(dp.normalize(x_val, float_spec), batch_size=32, verbose=0)[0]
-        float_top1 = float(np.mean(np.argmax(float_logits, axis=1) == y_val))
-        del x_val
-        # The float model's test top-1, for the card's float-vs-int8 table only (nothing is tuned on it).
-        test_recs = manifest.records("test")
-        float_test_top1 = None
-        if test_recs:
-            x_test, y_test = load_rgb_arrays(manifest, test_recs, float_spec, console.track, "loading test")
-            test_logits = model.predict(dp.normalize(x_test, float_spec), batch_size=32, verbose=0)[0]
-            float_test_top1 = float(np.mean(np.argmax(test_logits, axis=1) == y_test))
-            del x_test
-        val_paths = [manifest.abspath(r) for r in val_recs]
-        probs_val, emb_val, _ = device_scores(classifier, recorder, val_paths, "int8 val (device)")
+        # int8 through the device: every split (train for the index, val to calibrate, test to report).
+        y_val = np.array([manifest.label_index(r) for r in val_recs])
+        y_test = np.array([manifest.label_index(r) for r in test_recs], dtype=int)
+        y_train = np.array([manifest.label_index(r) for r in train_recs])
+        lg_val: list = []
+        lg_test: list = []
+        probs_val, emb_val, _ = device_scores(classifier, recorder, [manifest.abspath(r) for r in val_recs],
+                                              "int8 val (device)", lg_val)
+        probs_test, emb_test, _ = (device_scores(classifier, recorder, [manifest.abspath(r) for r in test_recs],
+                                                 "int8 test (device)", lg_test) if test_recs else (None, None, None))
         int8_top1 = float(np.mean(np.argmax(probs_val, axis=1) == y_val))
-        drop = (float_top1 - int8_top1) * 100.0
-        console.note(f"val top-1: float {float_top1:.4f}, int8 {int8_top1:.4f} (drop {drop:+.2f} points, limit {opts.max_drop})")
         notes: list[str] = []
-        if drop > opts.max_drop:
-            message = (
-                f"int8 model loses {drop:.2f} top-1 points on val (float {float_top1:.2%}, int8 {int8_top1:.2%}; "
-                f"limit --max-drop {opts.max_drop}); bundle not written. Retrain, try more --calibration images, "
-                "or pass --force"
-            )
-            if not opts.force:
-                raise ExportGateError(message)
-            notes.append("forced: " + message)
 
-        # Unknown-species score: fitted on int8 train embeddings, threshold from val.
+        # Float Keras on every photo not used for quantization calibration: the gate's sample.
+        calib_paths = {r.path for r in calib_recs}
+        rest_train = [r for r in train_recs if r.path not in calib_paths]
+        f_logits, f_emb = float_outputs(model, manifest, val_recs + test_recs + rest_train, float_spec, "float")
+        nv, nt = len(val_recs), len(test_recs)
+        float_top1 = float(np.mean(np.argmax(f_logits[:nv], axis=1) == y_val))
+        # Test top-1 over the known species' photos, as evaluate counts it (other-pool photos are unseen species).
+        known_test = y_test != (other_index if other_index is not None else -1)
+        float_test_top1 = (float(np.mean(np.argmax(f_logits[nv:nv + nt], axis=1)[known_test] == y_test[known_test]))
+                           if nt and known_test.any() else None)
+        console.note(f"val top-1: float {float_top1:.4f}, int8 {int8_top1:.4f}")
+
+        # Unknown-species score: kNN index on int8 train embeddings (other-pool ones as negatives).
         ood_section = None
-        ood_max = None
-        oods_val = None
+        oods_val = oods_test = None
+        emb_rest = None
+        scorer = None
         if "embedding" in outputs:
-            train_paths = [manifest.abspath(r) for r in train_recs]
-            y_train = np.array([manifest.label_index(r) for r in train_recs])
-            _, emb_train, _ = device_scores(classifier, recorder, train_paths, "int8 train (device)")
+            _, emb_train, _ = device_scores(classifier, recorder, [manifest.abspath(r) for r in train_recs],
+                                            "int8 train (device)")
+            known_tr = y_train != (other_index if other_index is not None else -1)
+            negatives = emb_train[~known_tr] if (other_index is not None and opts.ood_negatives
+                                                 and (~known_tr).sum() >= opts.ood_k) else None
             if opts.ood_method == "knn":
-                params = fit_knn(emb_train, k=opts.ood_k)
-                detail = {"k": opts.ood_k}
+                params = fit_knn(emb_train[known_tr], k=opts.ood_k, negatives=negatives, dims=opts.ood_dims,
+                                 int8=opts.ood_int8)
+                detail = {"k": opts.ood_k, "known": int(known_tr.sum()),
+                          "negatives": 0 if negatives is None else int(len(negatives)),
+                          "dims": int(np.asarray(params["projection"]).shape[1]) if "projection" in params else None,
+                          "dtype": "int8" if opts.ood_int8 else "float16",
+                          "score": "d_known / (d_known + d_other)" if negatives is not None else "d_known"}
             else:
-                params = fit_ood(emb_train, y_train, n, dims=OOD_DIMS)
+                params = fit_ood(emb_train[known_tr], y_train[known_tr], n, dims=OOD_DIMS)
                 detail = {"dims": int(np.asarray(params["components"]).shape[1])}
             np.savez(stage / "ood.npz", **params)
             scorer = load_ood(stage / "ood.npz")
             oods_val = np.array([scorer.score(e) for e in emb_val])
-            percentile = opts.ood_percentile
-            if opts.min_edible_coverage is not None:
-                percentile = strictest_ood_percentile(
-                    probs_val, oods_val, y_val, labels, bundle.classes, thresholds, opts, percentile)
-                notes.append(f"ood percentile {percentile:g}: the strictest keeping val edible coverage >= "
-                             f"{opts.min_edible_coverage:.0%}")
-            ood_max = max(float(np.percentile(oods_val, percentile)), 1e-6)
-            thresholds["ood_max_score"] = ood_max
-            ood_section = {"method": opts.ood_method, "file": "ood.npz", **detail, "percentile": percentile}
+            oods_test = np.array([scorer.score(e) for e in emb_test]) if nt else None
+            ood_section = {"method": opts.ood_method, "file": "ood.npz", **detail}
 
-        # Edible threshold: lowest with poisonous-as-EDIBLE <= target on val, never below the floor.
-        edible, calibrated = calibrate_edible(
-            probs_val, oods_val, y_val, labels, bundle.classes, thresholds, opts.max_poison_edible, opts.min_edible_confidence
-        )
-        if edible is None:
-            message = (
-                f"no edible_min_confidence <= 1 keeps poisonous val photos answered EDIBLE <= {opts.max_poison_edible:.2%} "
-                "(the model is confidently wrong on a poisonous photo); bundle not written. Retrain, or pass --force "
-                "(the bundle then demands confidence 1.0 for EDIBLE)"
-            )
-            if not opts.force:
-                raise ExportGateError(message)
-            notes.append("forced: " + message)
-            edible = 1.0
-        thresholds["edible_min_confidence"] = float(edible)
-        final_th = Thresholds(**thresholds)
+        # Calibration.
+        th_final: Thresholds
+        calibration: dict
+        if open_world:
+            kinds_val = np.array([roles[labels[i]] for i in y_val])
+            g_val = ow.Groups(kinds_val == "edible", kinds_val == "poisonous", kinds_val == "other")
+            best, table, edible_labels = open_world_calibration(
+                probs_val, oods_val, labels, bundle.classes, g_val, Thresholds(**thresholds), opts)
+            if best is None:
+                message = (f"no thresholds keep val unseen species answered EDIBLE <= {opts.max_unseen_edible:.2%} "
+                           f"and poisonous <= {opts.max_poison_edible:.2%}; bundle not written. Retrain, or pass "
+                           "--force (the bundle then demands confidence 1.0 for EDIBLE)")
+                if not opts.force:
+                    raise ExportGateError(message)
+                notes.append("forced: " + message)
+                best = Thresholds(**{**thresholds, "edible_min_confidence": 1.0,
+                                     "ood_max_score": None if oods_val is None else float(np.max(oods_val))})
+            raw = best
+            ow.check_mirror(probs_val, oods_val, labels, bundle.classes, raw,
+                            ow.edible_mask(probs_val, oods_val, edible_labels, raw))
+            th_final = replace(raw, confidence_margin=opts.confidence_margin, mass_margin=opts.mass_margin,
+                               ood_margin=opts.ood_margin if raw.ood_max_score is not None else 0.0)
+            val_species = [manifest.species(r) for r in val_recs]
+            raw_fig = ow.figures(ow.edible_mask(probs_val, oods_val, edible_labels, raw), g_val, val_species)
+            eff_mask = ow.edible_mask(probs_val, oods_val, edible_labels, th_final)
+            ow.check_mirror(probs_val, oods_val, labels, bundle.classes, th_final, eff_mask)
+            eff_fig = ow.figures(eff_mask, g_val, val_species)
+            calibration = {
+                "method": ("open world: the loosest (edible_min_confidence, poisonous_max_mass, ood_max_score) "
+                           "on a grid of observed val values with val unseen-species->EDIBLE <= target and known "
+                           "poisonous->EDIBLE <= target (margins 0; most val edible coverage, ties to the "
+                           "stricter); then the cross-architecture margins are added"),
+                "split": "val",
+                "unseen_species": manifest.other_species("val"),
+                "photos": {"edible": int(g_val.edible.sum()), "poisonous": int(g_val.poisonous.sum()),
+                           "unseen": int(g_val.unseen.sum())},
+                "target_unseen_as_edible": opts.max_unseen_edible,
+                "target_poisonous_as_edible": opts.max_poison_edible,
+                "edible_confidence_floor": opts.min_edible_confidence,
+                "grid": {"edible_min_confidence": len(set(r[0] for r in table)),
+                         "ood_max_score": len(set(r[1] for r in table)),
+                         "poisonous_max_mass": sorted(set(r[5] for r in table))},
+                "raw": {"edible_min_confidence": raw.edible_min_confidence, "ood_max_score": raw.ood_max_score,
+                        "poisonous_max_mass": raw.poisonous_max_mass, "val": raw_fig},
+                "margins": {"confidence_margin": th_final.confidence_margin, "ood_margin": th_final.ood_margin,
+                            "mass_margin": th_final.mass_margin,
+                            "why": opts.margins_why},
+                "expected_at_effective": {"val": eff_fig},
+            }
+            if nt:
+                kinds_t = np.array([roles[labels[i]] for i in y_test])
+                g_t = ow.Groups(kinds_t == "edible", kinds_t == "poisonous", kinds_t == "other")
+                t_mask = ow.edible_mask(probs_test, oods_test, edible_labels, th_final)
+                calibration["expected_at_effective"]["test"] = ow.figures(
+                    t_mask, g_t, [manifest.species(r) for r in test_recs])
+            thresholds = {k: v for k, v in th_final.__dict__.items()}
+            _open_world_evidence(work, manifest, labels, roles, edible_labels, probs_val, oods_val, lg_val, emb_val,
+                                 emb_train, known_tr, scorer, g_val, table, raw, th_final, probs_test, oods_test,
+                                 y_test, opts)
+        else:
+            calibration = _closed_world_calibration(probs_val, oods_val, y_val, labels, bundle, thresholds, opts,
+                                                    notes, ood_section)
+            th_final = Thresholds(**thresholds)
         val_safety = safety_figures(
-            verdicts_for(probs_val, oods_val, labels, bundle.classes, final_th), y_val, poisonous_mask(labels, classes)
+            verdicts_for(probs_val, oods_val, labels, bundle.classes, th_final), y_val, poisonous_mask(labels, classes)
         )
+
+        # Gate: float vs int8 over every photo not used for quantization calibration.
+        int8_rest = None
+        if rest_train:
+            lg_rest: list = []
+            probs_rest, emb_rest, _ = device_scores(classifier, recorder, [manifest.abspath(r) for r in rest_train],
+                                                    "int8 rest of train (device)", lg_rest)
+            int8_rest = probs_rest
+        int8_all = np.concatenate([probs_val] + ([probs_test] if nt else []) + ([int8_rest] if int8_rest is not None else []))
+        gate_labels = np.array([manifest.label_index(r) for r in val_recs + test_recs + rest_train])
+        known_gate = gate_labels != (other_index if other_index is not None else -1)
+        top1_same_all = np.argmax(f_logits, axis=1) == np.argmax(int8_all, axis=1)
+        top1_same = top1_same_all[known_gate]
+        # Verdicts on val + test only: train photos are in the kNN index, their score is ~0 either way.
+        nvt = nv + nt
+        f_probs = np.stack([softmax(z) for z in f_logits[:nvt]])
+        f_oods = None if scorer is None else np.array([scorer.score(e) for e in f_emb[:nvt]])
+        i_oods = None if oods_val is None else np.concatenate([oods_val] + ([oods_test] if nt else []))
+        v_float = verdicts_for(f_probs, f_oods, labels, bundle.classes, th_final)
+        v_int8 = verdicts_for(int8_all[:nvt], i_oods, labels, bundle.classes, th_final)
+        verdict_same = np.array([a == b for a, b in zip(v_float, v_int8)])
+        new_edible = np.array([b == "EDIBLE" for a, b in zip(v_float, v_int8) if a != "EDIBLE"])
+        gate_fig, refusal = gate(top1_same, verdict_same, new_edible, opts)
+        gate_fig["top1_agreement_all"] = ow.rate(int(top1_same_all.sum()), len(top1_same_all))
+        gate_fig["float_edible_int8_not"] = int(sum(a == "EDIBLE" and b != "EDIBLE" for a, b in zip(v_float, v_int8)))
+        pairs: dict[str, int] = {}
+        for a, b in zip(v_float, v_int8):
+            if a != b:
+                pairs[f"{a}->{b}"] = pairs.get(f"{a}->{b}", 0) + 1
+        gate_fig["verdict_changes_float_to_int8"] = pairs
+        (Path(work) / "openworld").mkdir(exist_ok=True)
+        import json as _json
+
+        (Path(work) / "openworld" / "int8_gate.json").write_text(_json.dumps(gate_fig, indent=2) + "\n")
+        ta, va = gate_fig["top1_agreement_known"], gate_fig["verdict_agreement"]
+        console.note(f"int8 gate: top-1 (known species) agrees on {ta['count']}/{ta['n']}, verdict on "
+                     f"{va['count']}/{va['n']}, int8 EDIBLE where float not {new_edible.sum()}/{len(new_edible)}")
+        if refusal:
+            if not opts.force:
+                raise ExportGateError(refusal)
+            notes.append("forced: " + refusal)
 
         # Files, card, then samples checked with the final bundle.
         files = {"model.tflite": card["files"]["model.tflite"]}
@@ -451,21 +660,12 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
                 "int8_top1": int8_top1,
                 "float_test_top1": float_test_top1,
                 "model_bytes": (stage / "model.tflite").stat().st_size,
+                "ood_bytes": (stage / "ood.npz").stat().st_size if ood_section else None,
                 "fit_seconds": (info.get("seconds") or {}).get("total"),
                 "val": {"top1": int8_top1, "float_top1": float_top1, **val_safety},
+                "int8_gate": gate_fig,
             },
-            "calibration": {
-                "split": "val",
-                "ood_max_score": {"percentile": ood_section["percentile"] if ood_section else None,
-                                  "min_edible_coverage": opts.min_edible_coverage, "photos": len(val_recs)} if ood_section else None,
-                "edible_min_confidence": {
-                    "target_poisonous_as_edible": opts.max_poison_edible,
-                    "floor": opts.min_edible_confidence,
-                    "calibrated": calibrated,
-                    "chosen": float(edible),
-                },
-                "quantization_images": len(calib_recs),
-            },
+            "calibration": {**calibration, "quantization_images": len(calib_recs)},
             "training": {
                 "backbone": spec.name,
                 "alpha": info["hparams"].get("alpha"),
@@ -482,9 +682,13 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
         write_card(stage, card)
         bundle = load_bundle(stage)
         checker = Classifier(bundle, backend="cpu", threads=opts.threads)
-        samples, sample_notes = write_samples(stage, manifest, checker, opts.samples, seed)
+        samples, sample_notes = write_samples(stage, manifest, checker, opts.samples, seed,
+                                              opts.other_samples if other_index is not None else 0)
         notes += sample_notes
         card["samples"] = samples
+        # Every file the device reads is listed with its sha256, the samples too.
+        for s in samples:
+            card["files"][s["file"]] = sha256_file(stage / s["file"])
         write_card(stage, card)
         load_bundle(stage)  # the complete bundle validates before it replaces anything
         os.chmod(stage, 0o777 & ~_umask())  # mkdtemp made it private; a bundle is an ordinary folder
@@ -495,4 +699,142 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
     final = load_bundle(out)
     for w in notes:
         console.warn(w)
-    return ExportResult(final.path, float_top1, int8_top1, thresholds, val_safety, time.perf_counter() - t0, notes)
+    return ExportResult(final.path, float_top1, int8_top1, thresholds, val_safety, time.perf_counter() - t0, notes,
+                        card.get("calibration"), card["metrics"]["int8_gate"])
+
+
+def _closed_world_calibration(probs_val, oods_val, y_val, labels, bundle, thresholds: dict, opts, notes,
+                              ood_section) -> dict:
+    """Without an other pool: ood_max_score from a val percentile, edible_min_confidence from poisonous val."""
+    percentile = opts.ood_percentile
+    if oods_val is not None:
+        if opts.min_edible_coverage is not None:
+            percentile = strictest_ood_percentile(
+                probs_val, oods_val, y_val, labels, bundle.classes, thresholds, opts, percentile)
+            notes.append(f"ood percentile {percentile:g}: the strictest keeping val edible coverage >= "
+                         f"{opts.min_edible_coverage:.0%}")
+        thresholds["ood_max_score"] = max(float(np.percentile(oods_val, percentile)), 1e-6)
+        ood_section["percentile"] = percentile
+    edible, calibrated = calibrate_edible(
+        probs_val, oods_val, y_val, labels, bundle.classes, thresholds, opts.max_poison_edible, opts.min_edible_confidence
+    )
+    if edible is None:
+        message = (
+            f"no edible_min_confidence <= 1 keeps poisonous val photos answered EDIBLE <= {opts.max_poison_edible:.2%} "
+            "(the model is confidently wrong on a poisonous photo); bundle not written. Retrain, or pass --force "
+            "(the bundle then demands confidence 1.0 for EDIBLE)"
+        )
+        if not opts.force:
+            raise ExportGateError(message)
+        notes.append("forced: " + message)
+        edible = 1.0
+    thresholds["edible_min_confidence"] = float(edible)
+    if opts.confidence_margin or (opts.ood_margin and "ood_max_score" in thresholds):
+        thresholds["confidence_margin"] = float(opts.confidence_margin)
+        if "ood_max_score" in thresholds:
+            thresholds["ood_margin"] = float(opts.ood_margin)
+    return {
+        "method": "closed world (no other pool): ood_max_score = a val percentile, edible_min_confidence = the "
+                  "lowest keeping poisonous val photos answered EDIBLE <= target",
+        "split": "val",
+        "ood_max_score": {"percentile": percentile, "min_edible_coverage": opts.min_edible_coverage,
+                          "photos": len(y_val)} if oods_val is not None else None,
+        "edible_min_confidence": {
+            "target_poisonous_as_edible": opts.max_poison_edible,
+            "floor": opts.min_edible_confidence,
+            "calibrated": calibrated,
+            "chosen": float(edible),
+        },
+    }
+
+
+def _open_world_evidence(work, manifest, labels, roles, edible_labels, probs_val, oods_val, lg_val, emb_val,
+                         emb_train, known_tr, scorer, g_val, table, raw, th_final, probs_test, oods_test, y_test, opts):
+    """WORK/openworld/: the score comparison on val species (compare.json/.md, compare.png) and the
+    risk-coverage curve of the shipped policy on val and test (risk_coverage.csv/.png). Evaluation only."""
+    import json
+
+    from train import openworld as ow
+
+    folder = Path(work) / "openworld"
+    folder.mkdir(parents=True, exist_ok=True)
+    other_index = labels.index(OTHER) if OTHER in labels else None
+    # The per-photo tables (device path), so other operating points can be studied without re-running it.
+    np.savez(folder / "tables.npz", probs_val=probs_val, oods_val=oods_val if oods_val is not None else np.array([]),
+             logits_val=np.stack(lg_val),
+             kinds_val=np.array(["other" if u else "poisonous" if pz else "edible"
+                                 for u, pz in zip(g_val.unseen, g_val.poisonous)]),
+             species_val=np.array([manifest.species(r) for r in manifest.records("val")]),
+             probs_test=probs_test if probs_test is not None else np.array([]),
+             oods_test=oods_test if oods_test is not None else np.array([]),
+             y_test=y_test, labels=np.array(labels),
+             species_test=np.array([manifest.species(r) for r in manifest.records("test")]))
+    rows = []
+    if emb_val is not None:
+        kn = emb_train[known_tr]
+        kn = kn / (np.linalg.norm(kn, axis=1, keepdims=True) + 1e-12)
+        ev = emb_val / (np.linalg.norm(emb_val, axis=1, keepdims=True) + 1e-12)
+        d_full = 1.0 - (ev @ kn.T).max(axis=1)
+        dk, do = zip(*(scorer.distances(e) for e in emb_val)) if hasattr(scorer, "distances") else ((), ())
+        do = None if not do or do[0] is None else np.array(do)
+        scores = ow.candidate_scores(probs_val, np.stack(lg_val), d_full, np.array(dk) if dk else d_full, do,
+                                     edible_labels | np.array([roles[lab] == "poisonous" for lab in labels]),
+                                     other_index)
+        rows = ow.compare(scores, probs_val, edible_labels, g_val)
+        # The device policy: confidence AND the shipped ood score, both thresholds searched (2-D).
+        for t in (0.01, 0.02):
+            best, _ = ow.search(probs_val, oods_val, edible_labels, g_val, replace_th(raw, 0.0),
+                                sorted({r[0] for r in table}), sorted({r[1] for r in table if r[1] is not None}), t,
+                                opts.max_poison_edible, sorted({r[5] for r in table}))
+            cov = 0.0 if best is None else float((ow.edible_mask(probs_val, oods_val, edible_labels, best) & g_val.edible).sum() / max(1, g_val.edible.sum()))
+            name = f"policy: confidence + mass + {('knn ratio' if do is not None else 'knn')} (3-D)"
+            row = next((r for r in rows if r["score"] == name), None)
+            if row is None:
+                row = {"score": name, "auroc_unseen_vs_edible": float("nan")}
+                rows.append(row)
+            row[f"coverage_at_unseen_{t:g}"] = cov
+        curves = {}
+        for name, s in scores.items():
+            top_edible = edible_labels[probs_val.argmax(axis=1)]
+            pts = []
+            for thr in ow.candidates(s, 200):
+                m = top_edible & (s <= thr)
+                pts.append((0.0, float(thr), float((m & g_val.edible).sum() / max(1, g_val.edible.sum())),
+                            float((m & g_val.unseen).sum() / max(1, g_val.unseen.sum())), 0.0))
+            curves[name] = ow.frontier(pts)
+        curves["policy (confidence + mass + ood)"] = ow.frontier(table)
+        ow.write_curve(curves, folder / "compare.csv", folder / "compare.png",
+                       f"unknown-species scores on {int(g_val.unseen.sum())} val photos of "
+                       f"{len(manifest.other_species('val'))} unseen species")
+    (folder / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = ["| score | AUROC unseen vs edible | coverage at unseen->EDIBLE <= 1% | at <= 2% |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['score']} | {r['auroc_unseen_vs_edible']:.3f} | {r.get('coverage_at_unseen_0.01', 0):.1%} | "
+                     f"{r.get('coverage_at_unseen_0.02', 0):.1%} |")
+    (folder / "compare.md").write_text("\n".join(lines) + "\n")
+    # Risk-coverage curve of the shipped policy: val (where thresholds were chosen) and test.
+    curves = {"val (calibration)": ow.frontier(table)}
+    marks = {}
+    m = ow.edible_mask(probs_val, oods_val, edible_labels, th_final)
+    marks["shipped, val"] = (float((m & g_val.unseen).sum() / max(1, g_val.unseen.sum())),
+                             float((m & g_val.edible).sum() / max(1, g_val.edible.sum())))
+    if probs_test is not None and len(probs_test):
+        kinds_t = np.array([roles[labels[i]] for i in y_test])
+        g_t = ow.Groups(kinds_t == "edible", kinds_t == "poisonous", kinds_t == "other")
+        conf_grid = sorted({r[0] for r in table})
+        ood_grid = sorted({r[1] for r in table if r[1] is not None}) or None
+        _, t_table = ow.search(probs_test, oods_test, edible_labels, g_t, replace_th(raw, 0.0), conf_grid, ood_grid,
+                               1.0, 1.0, sorted({r[5] for r in table}))
+        curves["test"] = ow.frontier(t_table)
+        m = ow.edible_mask(probs_test, oods_test, edible_labels, th_final)
+        marks["shipped, test"] = (float((m & g_t.unseen).sum() / max(1, g_t.unseen.sum())),
+                                  float((m & g_t.edible).sum() / max(1, g_t.edible.sum())))
+    ow.write_curve(curves, folder / "risk_coverage.csv", folder / "risk_coverage.png",
+                   "shipped policy: thresholds moved on the grid (frontier)", marks)
+    console.note(f"open-world evidence: {folder}")
+
+
+def replace_th(th, margin: float):
+    from dataclasses import replace
+
+    return replace(th, confidence_margin=margin, ood_margin=margin, mass_margin=margin)

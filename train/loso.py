@@ -19,6 +19,7 @@ import numpy as np
 from device.bundle import load_bundle, write_json_atomic
 from device.classifier import Classifier
 from device.errors import DataError
+from train.dataset import OTHER
 from train.export import ExportOptions, export as run_export
 from train.fit import MODEL_FILE, fit as run_fit
 from train.hparams import HParams
@@ -58,10 +59,16 @@ def run_fold(work: Path, manifest: dict, held: str, out: Path, hp: HParams, opts
     bundle = load_bundle(fold / "bundle")
     clf = Classifier(bundle)
     root = Path(manifest["data_dir"])
-    held_paths = [root / im["path"] for im in manifest["images"] if im["label"] == held]
+    # Other-pool photos live under the manifest's other_dir.
+    other_root = Path(manifest["other_dir"]) if manifest.get("other_dir") else root
+
+    def path_of(im: dict) -> Path:
+        return (other_root if im["label"] == OTHER and manifest.get("other_dir") else root) / im["path"]
+
+    held_paths = [path_of(im) for im in manifest["images"] if im["label"] == held]
     val = [im for im in manifest["images"] if im["label"] != held and im["split"] == "val"]
     held_rec = _records(clf, held_paths)
-    val_rec = _records(clf, [root / im["path"] for im in val])
+    val_rec = _records(clf, [path_of(im) for im in val])
     for rec, im in zip(val_rec, val):
         rec["true"] = im["label"]
     edible_val = [r for r in val_rec if manifest["classes"][r["true"]]["edibility"] == "edible"]

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Retrain the shipped model from the shared photo pool (`make model`): prepare, fit, export, evaluate.
 # usage: train/make_model.sh SHARED WORK MODEL
-#   SHARED  the shared folder (holds data/mushrooms and weights/), e.g. ../shared
+#   SHARED  the shared folder (holds data/mushrooms, data/fungi-other and weights/), e.g. ../shared
 #   WORK    a scratch dir for the manifest, the Keras model and reports (recreated)
 #   MODEL   the bundle to write, e.g. models/mushcam-mnv2-7sp (replaced only if the new one passes export)
-# About 6-7 minutes on a 2-core x86-64 workstation (see docs/training.md for the measured times).
+#   DOCS    (environment, default docs) where the risk-coverage curve and the score comparison are copied
+# The other pool (fungi-other) is the `other` class and the unseen species the thresholds are calibrated on.
+# See docs/training.md for the measured times.
 set -euo pipefail
 
 if [ $# -ne 3 ]; then
@@ -22,16 +24,25 @@ else
   TRAIN=("${PYTHON:-python3}" -m train)
 fi
 
-for need in "$SHARED/data/mushrooms/edibility.csv" "$WEIGHTS"; do
+OTHER="$SHARED/data/fungi-other"
+DOCS=${DOCS:-docs}
+
+for need in "$SHARED/data/mushrooms/edibility.csv" "$OTHER/species.csv" "$WEIGHTS"; do
   if [ ! -e "$need" ]; then
     echo "error: $need not found; pass the shared folder as SHARED" >&2
     exit 1
   fi
 done
 
-"${TRAIN[@]}" prepare "$SHARED/data/mushrooms" --out "$WORK" --seed 0
+"${TRAIN[@]}" prepare "$SHARED/data/mushrooms" --out "$WORK" --seed 0 --other "$OTHER" --other-val 0.25 --other-test 0.25
 "${TRAIN[@]}" fit "$WORK" --weights "$WEIGHTS" --backbone mobilenet_v2 --alpha 1.0 --size 224 \
-  --epochs 30 --fine-tune-epochs 12 --feature-copies 8 --seed 0
+  --epochs 30 --fine-tune-epochs 6 --feature-copies 4 --seed 0
 "${TRAIN[@]}" export "$WORK" --out "$MODEL" --name "$(basename "$MODEL")" --calibration 1000 --samples 2 \
-  --ood-method knn --min-edible-coverage 0.75
+  --ood-method knn --max-unseen-edible 0.01 --max-poison-edible 0.005 --confidence-margin 0.02 --ood-margin 0.015 \
+  --other-samples 0
 "${TRAIN[@]}" evaluate "$MODEL" "$WORK" --split test --report "$WORK/report" --record
+mkdir -p "$DOCS/figures"
+cp "$WORK/report/risk_coverage.png" "$WORK/report/risk_coverage.csv" "$DOCS/figures/"
+cp "$WORK/openworld/compare.png" "$DOCS/figures/score-comparison.png"
+cp "$WORK/openworld/compare.csv" "$DOCS/figures/score-comparison.csv"
+cp "$WORK/openworld/compare.md" "$DOCS/figures/score-comparison.md"

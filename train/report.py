@@ -45,4 +45,8 @@ def print_prepare(manifest: Manifest, work: Path) -> None:
     table.add_section()
     table.add_row("total", "", "", *(str(totals[s]) for s in SPLITS), str(sum(totals.values())))
     out.print(table)
+    if manifest.other_dir is not None:
+        per = {s: manifest.other_species(s) for s in SPLITS}
+        out.print(f"other pool {manifest.other_dir}: species per split (whole species) "
+                  + ", ".join(f"{s} {len(v)}" for s, v in per.items()), markup=False)
     out.print(f"manifest: {Path(work) / MANIFEST}")
