@@ -37,6 +37,8 @@ LAPTOP_CAPTURES_DIR = "captures"  # laptop mode keeps every press here (under th
 # allows at most poisonous_max_mass, 2 % in the shipped card, so every such figure is worth seeing);
 # a runner-up from 5 % (below that it is noise next to a top guess).
 LOOK_ALIKE_MIN, RUNNER_UP_MIN = 0.01, 0.05
+# Reasons (device.verdict) for "this looks like none of the species the model knows".
+UNFAMILIAR_REASONS = ("unlike the species it knows", "not a species it knows", "no unknown-species score")
 
 
 def _role(info) -> str:
@@ -237,7 +239,12 @@ class Daemon:
             note = name_with_percent(("looks like: ", "like: "), b.display_name(alike[0]), alike[1])
         elif alike is None and r.runner_up is not None and r.runner_up[1] >= RUNNER_UP_MIN:
             note = name_with_percent(("2nd: ",), b.display_name(r.runner_up[0]), r.runner_up[1])
-        return Screen(title=b.display_name(r.label) if r.label else "", verdict=r.verdict, confidence=r.confidence,
+        title = b.display_name(r.label) if r.label else ""
+        if r.verdict == "UNSURE" and r.decision.reason in UNFAMILIAR_REASONS:
+            # A species name under UNSURE reads as "probably that one": for a photo unlike every species the
+            # model knows, the title must not name one (the look-alike line may still say what is closest).
+            title = "Unknown mushroom"
+        return Screen(title=title, verdict=r.verdict, confidence=r.confidence,
                       detail=short_reason(r.decision.reason), note=note, press=self.presses_answered + 1, kind="verdict")
 
     def _closest_poisonous(self, r: Result) -> tuple[str, float] | None:

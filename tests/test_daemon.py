@@ -353,6 +353,23 @@ def test_the_verdict_screen_names_the_poisonous_look_alike_or_the_runner_up(tmp_
     assert screen([0.01, 0.97, 0.02]).note == ""  # a runner-up under 5 % is noise
 
 
+def test_an_unfamiliar_photo_is_titled_unknown_not_by_its_nearest_species(tmp_path, bundle):
+    import numpy as np
+
+    from device.bundle import load_bundle
+    from device.classifier import Result
+    from device.verdict import decide
+
+    d = Daemon(make_cfg(tmp_path, bundle))
+    d.bundle = b = load_bundle(bundle)
+    far = b.thresholds.ood_max_score * 10  # far past the unknown-species threshold
+    decision = decide([0.99, 0.005, 0.005], b.labels, b.classes, b.thresholds, far)
+    s = d.verdict_screen(Result(decision, np.array([0.99, 0.005, 0.005]), far, 1.0, 3, tuple(b.labels)))
+    assert (s.verdict, s.title) == ("UNSURE", "Unknown mushroom")
+    familiar = decide([0.99, 0.005, 0.005], b.labels, b.classes, b.thresholds, 1.0)
+    assert d.verdict_screen(Result(familiar, np.array([0.99, 0.005, 0.005]), 1.0, 1.0, 3, tuple(b.labels))).title == "red cap"
+
+
 def test_status_file_is_world_readable_under_the_units_umask(tmp_path, bundle, mock_pins):
     """Issue 12 item 7: under the unit's UMask=0027 the status file was 0640 mushcam:mushcam, so a deploy
     user outside the group could never confirm a flash. Its mode (and a folder the daemon makes for it)

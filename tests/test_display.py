@@ -232,7 +232,8 @@ def _verdict_reasons() -> list[str]:
 
 def test_every_verdict_reason_fits_the_display_without_dots():
     reasons = _verdict_reasons()
-    assert "unlike the species the model was trained on" in reasons and "edible species, confident" in reasons
+    assert "unlike the species it knows" in reasons and "not a species it knows" in reasons
+    assert "edible species, confident" in reasons
     assert len(reasons) >= 10
     font = display_module._font(10)
     for reason in reasons:
