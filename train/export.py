@@ -714,6 +714,15 @@ def _closed_world_calibration(probs_val, oods_val, y_val, labels, bundle, thresh
             notes.append(f"ood percentile {percentile:g}: the strictest keeping val edible coverage >= "
                          f"{opts.min_edible_coverage:.0%}")
         thresholds["ood_max_score"] = max(float(np.percentile(oods_val, percentile)), 1e-6)
+        from device.bundle import OOD_SCORE_CEILING
+
+        ceiling = OOD_SCORE_CEILING.get(opts.ood_method)
+        if ceiling is not None and thresholds["ood_max_score"] >= ceiling:
+            # The device refuses a threshold at its ceiling (that check could never say no). Val scores this
+            # high mean the embeddings do not separate anything: keep the bundle strict, and say so.
+            thresholds["ood_max_score"] = float(np.nextafter(ceiling, 0.0))
+            notes.append(f"the val unknown-species scores reach {ceiling:g} (the score's ceiling): the index does not "
+                         "tell familiar photos from others; ood_max_score set just under it")
         ood_section["percentile"] = percentile
     edible, calibrated = calibrate_edible(
         probs_val, oods_val, y_val, labels, bundle.classes, thresholds, opts.max_poison_edible, opts.min_edible_confidence
