@@ -111,3 +111,27 @@ def test_gate_refuses_too_few_photos_and_a_low_bound_naming_both():
     assert "int8 answers EDIBLE on 15/1000 photos the float model does not" in msg
     fig, msg = gate(np.ones(1000, bool), np.ones(1000, bool), none, opts)
     assert msg is None and fig["top1_agreement_known"]["n"] == 1000
+
+
+def test_a_sample_near_a_threshold_is_not_robust(tiny_bundle):
+    """Export's samples must give the same verdict on every CPU: one whose figures sit within the jitter
+    bands of a threshold (or whose top class barely leads) is passed over."""
+    import numpy as np
+
+    from device.bundle import load_bundle
+    from device.classifier import Result
+    from device.verdict import decide
+    from train.export import robust_sample
+
+    b = load_bundle(tiny_bundle)
+    t = b.thresholds
+
+    def result(probs, ood=1.0):
+        return Result(decide(probs, b.labels, b.classes, t, ood), np.array(probs), ood, 1.0, 1, tuple(b.labels))
+
+    assert robust_sample(result([0.999, 0.0005, 0.0005]), b)  # clearly edible
+    assert robust_sample(result([0.01, 0.98, 0.01]), b)  # clearly poisonous
+    assert result([0.955, 0.0225, 0.0225]).verdict == "EDIBLE"
+    assert not robust_sample(result([0.955, 0.0225, 0.0225]), b)  # EDIBLE by a hair (poisonous mass 0.045)
+    assert not robust_sample(result([0.999, 0.0005, 0.0005], ood=t.ood_max_score - t.ood_margin - 0.01), b)
+    assert not robust_sample(result([0.45, 0.40, 0.15]), b)  # the label could flip
