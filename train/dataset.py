@@ -357,17 +357,22 @@ def split_groups(records: list[ImageRecord], labels: Sequence[str], seed: int, v
         for r in records:
             if r.label == label:
                 groups.setdefault(r.group, []).append(r)
-        order = sorted(groups)
-        rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
-        rng.shuffle(order)
-        n = sum(len(g) for g in groups.values())
-        have = {s: 0 for s in SPLITS}
-        for gid in order:
-            # Ties go to the rarer splits first so tiny classes still get a validation image.
-            split = max(("val", "test", "train"), key=lambda s: fractions[s] * n - have[s] if fractions[s] > 0 else -1e9)
-            for r in groups[gid]:
-                r.split = split
-            have[split] += len(groups[gid])
+        _assign_splits(groups, np.random.default_rng([seed, zlib.crc32(label.encode())]), fractions)
+
+
+def _assign_splits(units: dict, rng, fractions: dict[str, float]) -> None:
+    """Shuffle the units (groups or species, each a list of records) and give each whole unit the split
+    furthest below its target share of the records."""
+    order = sorted(units)
+    rng.shuffle(order)
+    n = sum(len(u) for u in units.values())
+    have = {s: 0 for s in SPLITS}
+    for key in order:
+        # Ties go to the rarer splits first so tiny classes still get a validation image.
+        split = max(("val", "test", "train"), key=lambda s: fractions[s] * n - have[s] if fractions[s] > 0 else -1e9)
+        for r in units[key]:
+            r.split = split
+        have[split] += len(units[key])
 
 
 def split_species(records: list[ImageRecord], seed: int, val: float, test: float) -> None:
@@ -380,16 +385,7 @@ def split_species(records: list[ImageRecord], seed: int, val: float, test: float
     by_species: dict[str, list[ImageRecord]] = {}
     for r in records:
         by_species.setdefault(r.species, []).append(r)
-    order = sorted(by_species)
-    rng = np.random.default_rng([seed, zlib.crc32(OTHER.encode())])
-    rng.shuffle(order)
-    n = sum(len(v) for v in by_species.values())
-    have = {s: 0 for s in SPLITS}
-    for sp in order:
-        split = max(("val", "test", "train"), key=lambda s: fractions[s] * n - have[s] if fractions[s] > 0 else -1e9)
-        for r in by_species[sp]:
-            r.split = split
-        have[split] += len(by_species[sp])
+    _assign_splits(by_species, np.random.default_rng([seed, zlib.crc32(OTHER.encode())]), fractions)
 
 
 def other_folders(other_dir: Path) -> list[str]:

@@ -90,15 +90,20 @@ def _frames(press: Path) -> list[Path]:
     return sorted((f for f in press.iterdir() if f.is_file() and _FRAME.match(f.name)), key=lambda f: f.name)
 
 
-def read_classes(path: Path) -> list[str]:
-    """The class names of an edibility.csv (class,edibility[,common_name]), in file order."""
+def _read_csv(path: Path, what: str, reader) -> list:
+    """All rows of a CSV through `reader` (csv.reader or csv.DictReader); DataError naming the file."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+            return list(reader(f))
     except FileNotFoundError:
-        raise DataError(f"{path}: no such edibility table") from None
+        raise DataError(f"{path}: no such {what}") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def read_classes(path: Path) -> list[str]:
+    """The class names of an edibility.csv (class,edibility[,common_name]), in file order."""
+    rows = _read_csv(path, "edibility table", csv.DictReader)
     if not rows or "class" not in rows[0]:
         raise DataError(f"{path}: needs a header with columns class,edibility[,common_name]")
     return [r["class"].strip() for r in rows if (r.get("class") or "").strip()]
@@ -109,13 +114,7 @@ def read_labels(path: Path, presses: dict[str, Path], classes: list[str]) -> dic
     by_name: dict[str, list[str]] = {}
     for pid in presses:
         by_name.setdefault(pid.split("/", 1)[1], []).append(pid)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such labels file") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
+    rows = _read_csv(path, "labels file", csv.reader)
     header = [h.strip().lower() for h in rows[0]] if rows else []
     if "press" not in header or "species" not in header:
         raise DataError(f"{path}: needs a header row with columns press,species[,taxon]")
