@@ -135,3 +135,24 @@ def test_a_sample_near_a_threshold_is_not_robust(tiny_bundle):
     assert not robust_sample(result([0.955, 0.0225, 0.0225]), b)  # EDIBLE by a hair (poisonous mass 0.045)
     assert not robust_sample(result([0.999, 0.0005, 0.0005], ood=t.ood_max_score - t.ood_margin - 0.01), b)
     assert not robust_sample(result([0.45, 0.40, 0.15]), b)  # the label could flip
+
+
+def _fold(held: str, photos: int, edible: int) -> dict:
+    return {"held_out": held, "photos": photos, "answered_edible": edible, "answered_unsure": photos - edible,
+            "answered_poisonous": 0, "edible_rate": edible / photos, "val_edible_coverage": 0.5}
+
+
+def test_loso_record_adds_a_partial_run_to_the_folds_already_in_the_card(bundle_copy):
+    import json
+
+    from device.bundle import load_bundle
+    from train.loso import record_in_card
+
+    record_in_card(bundle_copy, {"folds": [_fold("a", 100, 20), _fold("b", 50, 1)], "ood": {"method": "knn"}})
+    # A later run of one missing fold and one fold again: both replace or add, nothing else is erased.
+    record_in_card(bundle_copy, {"folds": [_fold("c", 50, 0), _fold("b", 50, 5)], "ood": {"method": "knn", "v": 2}})
+    rec = json.loads((bundle_copy / "model.json").read_text())["metrics"]["leave_one_species_out"]
+    assert [f["held_out"] for f in rec["folds"]] == ["a", "c", "b"]
+    assert rec["edible_rate"] == pytest.approx(25 / 200) and rec["worst_fold_edible_rate"] == pytest.approx(0.2)
+    assert rec["earlier_folds"] == ["a"] and rec["earlier_ood"] == {"method": "knn"}
+    load_bundle(bundle_copy)  # the card still validates; hashes untouched

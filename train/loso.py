@@ -128,10 +128,20 @@ def record_in_card(bundle: Path, summary: dict) -> None:
     card = json.loads(card_path.read_text(encoding="utf-8"))
     keep = ("held_out", "photos", "answered_edible", "answered_unsure", "answered_poisonous", "edible_rate",
             "val_edible_coverage")
-    card.setdefault("metrics", {})["leave_one_species_out"] = {
-        "folds": [{k: f[k] for k in keep} for f in summary["folds"]],
-        "edible_rate": summary["edible_rate"],
-        "worst_fold_edible_rate": summary["worst_fold_edible_rate"],
+    new = [{k: f[k] for k in keep} for f in summary["folds"]]
+    ran = {f["held_out"] for f in new}
+    earlier = card.setdefault("metrics", {}).get("leave_one_species_out") or {}
+    # A run of some folds (--holdout, e.g. the one fold that did not fit in a session) adds to the folds
+    # already recorded instead of erasing them; a fold run again replaces its earlier figures.
+    kept = [f for f in earlier.get("folds", []) if f.get("held_out") not in ran]
+    folds = kept + new
+    photos = sum(int(f["photos"]) for f in folds)
+    answered = sum(int(f["answered_edible"]) for f in folds)
+    card["metrics"]["leave_one_species_out"] = {
+        "folds": folds,
+        "edible_rate": answered / max(1, photos),
+        "worst_fold_edible_rate": max(f["edible_rate"] for f in folds),
         "ood": summary.get("ood"),
+        **({"earlier_folds": [f["held_out"] for f in kept], "earlier_ood": earlier.get("ood")} if kept else {}),
     }
     write_card(Path(bundle), card)
