@@ -61,7 +61,8 @@ EOF
 }
 
 # shellcheck source-path=SCRIPTDIR source=ssh-common.sh
-source "$(dirname -- "${BASH_SOURCE[0]}")/ssh-common.sh"
+# readlink -f: a symlink to this script (e.g. in ~/bin) still finds its neighbour.
+source "$(dirname -- "$(readlink -f -- "${BASH_SOURCE[0]}")")/ssh-common.sh"
 
 # ---------------------------------------------------------------------------------------------------
 # Settings (per-host overrides come from the inventory; the SSH ones are in ssh-common.sh).

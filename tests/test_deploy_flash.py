@@ -384,6 +384,15 @@ def test_help_and_shellcheck():
     assert check.returncode == 0, check.stdout
 
 
+def test_a_symlink_to_flash_sh_still_finds_its_shared_ssh_code(tmp_path):
+    link = tmp_path / "bin" / "mushcam-flash"
+    link.parent.mkdir()
+    link.symlink_to(FLASH)
+    result = subprocess.run(["bash", str(link), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "--inventory FILE" in result.stdout
+
+
 # --- integrity under attack (issue 12) ------------------------------------------------------------------
 def test_two_flashes_to_one_device_cannot_both_report_ok(sshd, bundles, make_devices, tmp_path):
     """The device's lock is held for a whole flash: a second one fails at once instead of racing."""
