@@ -172,8 +172,11 @@ def classify(
             typer.echo(json.dumps(row))
         else:
             typer.echo(f"{r.verdict:<9}  {r.confidence:6.1%}  {name:<24}  {f}  ({r.decision.reason})")
-    if not as_json:
+    # --json keeps stderr quiet for machines, except that skipped files (which have no JSON row) are said:
+    # a script must not take a partly classified folder for a whole one.
+    if skipped or not as_json:
         typer.echo(f"mushcam: {_summary(len(files) - failed, failed, skipped)}", err=True)
+    if not as_json:
         typer.echo("Never eat a mushroom on this advice alone.", err=True)
     raise typer.Exit(1 if failed else 0)
 

@@ -3,6 +3,7 @@ the classify summary counts what it skipped."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,15 @@ def test_classify_summary_counts_skipped_and_undecodable_files(tmp_path, tiny_bu
     r = CliRunner().invoke(device_app, ["classify", "--model", str(tiny_bundle), str(d)])
     assert r.exit_code == 1
     assert "mushcam: 2 photos classified, 1 could not be decoded, 3 other files skipped, not images (.json, .txt)" in r.stderr.splitlines()
+
+
+def test_classify_json_keeps_stdout_json_and_still_reports_skipped_files(tmp_path, tiny_bundle):
+    d = tmp_path / "photos"
+    d.mkdir()
+    colour_image(COLOURS["red_cap"]).save(d / "a.jpg")
+    (d / "notes.txt").write_text("x")
+    r = CliRunner().invoke(device_app, ["classify", "--json", "--model", str(tiny_bundle), str(d)])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [Path(row["path"]).name for row in rows] == ["a.jpg"]
+    assert "mushcam: 1 photo classified, 1 other file skipped, not images (.txt)" in r.stderr.splitlines()
