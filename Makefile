@@ -52,9 +52,9 @@ check-shared:
 model: $(VENV)/.test check-shared
 	bash train/make_model.sh $(SHARED) $(WORK) $(MODEL)
 
-# Leave-one-species-out safety figures of the recipe `make model` uses (4 folds, about 12 min each here: the
-# gyromitra fold took 732 s; reuses folds
-# already trained in $(WORK)-loso), recorded in the shipped bundle's card.
+# Leave-one-species-out safety figures of the recipe `make model` uses (4 folds, about 12 min each here:
+# the gyromitra fold took 732 s; reuses folds already trained in $(WORK)-loso), recorded in the shipped
+# bundle's card.
 loso: $(VENV)/.test check-shared
 	$(BIN)/mushcam-train loso $(WORK) --out $(WORK)-loso --weights $(SHARED)/weights/mobilenet_v2_1.0_224_no_top.weights.h5 \
 	  --calibration 1000 --ood-method knn --fine-tune-epochs 6 --feature-copies 4 --reuse-fits --record $(MODEL)

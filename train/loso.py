@@ -105,19 +105,23 @@ def loso(work: Path, out: Path, hp: HParams, opts: ExportOptions, holdouts: list
 
         keras.backend.clear_session()  # each fold is a fresh model; free the last one's graph
         folds.append(run_fold(Path(work), manifest, held, Path(out), hp, opts, reuse_fits))
-    total = sum(f["photos"] for f in folds)
     summary = {
         "folds": folds,
-        "photos": total,
-        "answered_edible": sum(f["answered_edible"] for f in folds),
-        "edible_rate": sum(f["answered_edible"] for f in folds) / max(1, total),
-        "worst_fold_edible_rate": max(f["edible_rate"] for f in folds),
+        **totals(folds),
         "hparams": {k: str(v) for k, v in asdict(hp).items()},
         "ood": {"method": opts.ood_method, "percentile": opts.ood_percentile,
                 "min_edible_coverage": opts.min_edible_coverage},
     }
     write_json_atomic(Path(out) / "loso.json", summary)
     return summary
+
+
+def totals(folds: list[dict]) -> dict:
+    """Photos, EDIBLE answers and rates over folds (what loso.json and the card both report)."""
+    photos = sum(int(f["photos"]) for f in folds)
+    answered = sum(int(f["answered_edible"]) for f in folds)
+    return {"photos": photos, "answered_edible": answered, "edible_rate": answered / max(1, photos),
+            "worst_fold_edible_rate": max(f["edible_rate"] for f in folds)}
 
 
 def record_in_card(bundle: Path, summary: dict) -> None:
@@ -135,12 +139,11 @@ def record_in_card(bundle: Path, summary: dict) -> None:
     # already recorded instead of erasing them; a fold run again replaces its earlier figures.
     kept = [f for f in earlier.get("folds", []) if f.get("held_out") not in ran]
     folds = kept + new
-    photos = sum(int(f["photos"]) for f in folds)
-    answered = sum(int(f["answered_edible"]) for f in folds)
+    both = totals(folds)
     card["metrics"]["leave_one_species_out"] = {
         "folds": folds,
-        "edible_rate": answered / max(1, photos),
-        "worst_fold_edible_rate": max(f["edible_rate"] for f in folds),
+        "edible_rate": both["edible_rate"],
+        "worst_fold_edible_rate": both["worst_fold_edible_rate"],
         "ood": summary.get("ood"),
         **({"earlier_folds": [f["held_out"] for f in kept], "earlier_ood": earlier.get("ood")} if kept else {}),
     }
