@@ -473,3 +473,33 @@ def test_open_world_evaluate_reports_unseen_species_and_the_curve(open_world, tm
     assert res["n"] == sum(1 for im in manifest["images"] if im["split"] == "test" and im["label"] != "other")
     assert (tmp_path / "r" / "risk_coverage.png").is_file() and (tmp_path / "r" / "risk_coverage.csv").is_file()
     assert "Unseen species" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_edible_penalty_charges_only_a_non_edible_photo_pushed_towards_an_edible_class():
+    from train._tf import import_keras
+    from train.fit import make_loss
+
+    _, keras = import_keras()
+    edible = np.array([1.0, 0.0, 0.0], dtype=np.float32)  # class 0 edible; 1 poisonous; 2 other
+    logits = np.array([[4.0, 1.0, 0.0], [4.0, 1.0, 0.0], [0.0, 3.0, 1.0]], dtype=np.float32)
+    y = np.array([0, 1, 2])
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    ce = -np.log(p[np.arange(3), y])
+    plain = np.asarray(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+    # Keras losses reduce to the batch mean; compare per photo by feeding one row at a time.
+    with_penalty = make_loss(keras, edible, 2.0)
+    per_photo = [float(with_penalty(y[i:i + 1], logits[i:i + 1])[0]) for i in range(3)]
+    expected = ce + 2.0 * np.array([0.0, -np.log(1 - p[1, 0]), -np.log(1 - p[2, 0])])
+    assert np.allclose(plain, ce, atol=1e-5)
+    assert np.allclose(per_photo, expected, atol=1e-4)
+    # The edible photo pays nothing extra; the poisonous one called edible pays the most.
+    assert per_photo[0] == pytest.approx(ce[0], abs=1e-5) and per_photo[1] - ce[1] > per_photo[2] - ce[2] > 0
+    assert make_loss(keras, edible, 0.0).__class__.__name__ == "SparseCategoricalCrossentropy"
+
+
+def test_a_negative_edible_penalty_is_refused():
+    from device.errors import ConfigError
+    from train.hparams import HParams
+
+    with pytest.raises(ConfigError, match="edible-penalty"):
+        HParams(edible_penalty=-1.0).validate()

@@ -144,6 +144,7 @@ def fit(
     batch_size: Annotated[int, typer.Option(help="Images per training step.")] = _HP.batch_size,
     feature_copies: Annotated[int, typer.Option(help="Stage 1: cached feature copies per image (1 clean + n-1 augmented).")] = _HP.feature_copies,
     fine_tune_fraction: Annotated[float, typer.Option(help="Stage 2: fraction of the backbone's layers (from the top) trained.")] = _HP.fine_tune_fraction,
+    edible_penalty: Annotated[float, typer.Option(help="Extra loss -log(1 - p_edible) on non-edible photos, times this (0: plain cross-entropy).")] = _HP.edible_penalty,
     seed: Annotated[int, typer.Option(help="Random seed (Python, NumPy, Keras).")] = _HP.seed,
 ) -> None:
     """Train a classifier on WORK's manifest; writes WORK/model.keras (best on val), fit.json and curves.png."""
@@ -153,7 +154,7 @@ def fit(
         hp = HParams(
             backbone=backbone, alpha=alpha, size=size, weights=weights, epochs=epochs,
             fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, feature_copies=feature_copies,
-            fine_tune_fraction=fine_tune_fraction, seed=seed,
+            fine_tune_fraction=fine_tune_fraction, edible_penalty=edible_penalty, seed=seed,
         )
         result = run_fit(work, hp)
         console.out.print(

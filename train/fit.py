@@ -68,6 +68,36 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     return (len(y) / (n_classes * np.maximum(counts, 1.0))).astype(np.float32)
 
 
+def edible_mask(manifest: Manifest) -> np.ndarray:
+    """1.0 for each label whose photos may end EDIBLE (edibility `edible`), 0.0 for the rest (`other` too)."""
+    return np.array([float(manifest.classes[lab].get("edibility") == "edible") for lab in manifest.labels],
+                    dtype=np.float32)
+
+
+def make_loss(keras, edible: np.ndarray, penalty: float):
+    """Cross-entropy on logits, plus `penalty` x -log(1 - p_edible) on photos of a non-edible class.
+
+    p_edible is the softmax mass on all edible classes together, so the extra term grows only when a
+    poisonous (or other) photo is pushed towards *some* edible class: the one confusion that can end in
+    an EDIBLE answer. With penalty 0 this is Keras's sparse cross-entropy itself."""
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if penalty <= 0.0:
+        return ce
+    ops = keras.ops
+    mask = ops.convert_to_tensor(edible)
+
+    def loss(y_true, logits):
+        y = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+        base = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        # log(1 - p_edible) = logsumexp(non-edible logits) - logsumexp(all logits): stable where p_edible
+        # is close to 1, which is exactly where the term matters. -1e9 drops the edible logits.
+        non_edible = ops.logsumexp(logits + (mask * -1e9), axis=-1) - ops.logsumexp(logits, axis=-1)
+        target_not_edible = 1.0 - ops.take(mask, y)
+        return base - penalty * target_not_edible * non_edible
+
+    return loss
+
+
 def build_model(keras, backbone, n_classes: int, dropout: float, name: str = "mushcam"):
     """The exported model: float image -> [logits, embedding]. Returns (model, dropout layer, logits layer)."""
     size = backbone.input_shape[1:]
@@ -246,7 +276,7 @@ def fit(work: Path, hp: HParams) -> FitResult:
     lo, hi = (0.0 - spec.mean) / spec.std, (255.0 - spec.mean) / spec.std
     augment = build_augmentation(keras, hp, (lo, hi), hp.seed)
     weights_c = class_weights(y_train, n_classes)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    loss = make_loss(keras, edible_mask(manifest), hp.edible_penalty)
     best = _Best(model)
     history: dict[str, dict[str, list[float]]] = {}
     verbose = 1 if console.err.is_terminal else 2

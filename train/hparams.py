@@ -66,6 +66,11 @@ class HParams:
     """Augmentation: random brightness shift, fraction of the value range."""
     contrast: float = 0.2
     """Augmentation: random contrast factor range (1 +/- contrast)."""
+    edible_penalty: float = 0.0
+    """Weight of a second loss term, on photos whose class is not edible: -log(1 - p_edible), where
+    p_edible is the probability the model puts on all edible classes together. Cross-entropy alone
+    charges a fly agaric called "Caesar's mushroom" no more than one called "grisette"; this term
+    charges the mistake that can end in EDIBLE (0 = plain cross-entropy)."""
     seed: int = 0
     """Seed of Python, NumPy and Keras random generators (keras.utils.set_random_seed)."""
 
@@ -82,6 +87,7 @@ class HParams:
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (self.patience >= 1 and self.fine_tune_patience >= 1, "patience must be >= 1"),
             (self.learning_rate > 0 and self.fine_tune_learning_rate > 0, "learning rates must be > 0"),
+            (self.edible_penalty >= 0.0, "--edible-penalty must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
