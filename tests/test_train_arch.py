@@ -69,6 +69,19 @@ def test_the_margins_keep_the_most_edible_answers(tiny):
     assert j["with_suggested"]["edible_known_species"] == {"x86_64": 1, "aarch64": 1}
 
 
+def test_the_suggestion_never_loosens_the_cards_own_margins(tiny):
+    # Photo a (a look-alike) is EDIBLE at the raw thresholds on both CPUs (0.955 / 0.965 >= 0.9), so no
+    # margin is needed for the CPUs to agree and, from zero, the suggestion is no margin at all. A card
+    # that decides at 0.9 + 0.06 keeps x86 at UNSURE; a suggestion must not hand that back.
+    x86 = [row("a", [0.955, 0.025, 0.02], 1.0, tiny)]
+    arm = [row("a", [0.965, 0.02, 0.015], 1.0, tiny)]
+    assert arch.jitter(tiny, x86, arm, known=1)["suggested"]["confidence_margin"] == 0.0
+    card = replace(tiny, thresholds=replace(tiny.thresholds, confidence_margin=0.06, ood_margin=0.01, mass_margin=0.003))
+    j = arch.jitter(card, x86, arm, known=1)
+    assert j["suggested"] == {"confidence_margin": 0.06, "ood_margin": 0.01, "mass_margin": 0.003}
+    assert j["with_suggested"]["edible_known_species"]["x86_64"] == 0
+
+
 def test_an_ood_difference_across_the_limit_is_caught(tiny):
     x86 = [row("a", [0.97, 0.02, 0.01], 5.99, tiny)]
     arm = [row("a", [0.97, 0.02, 0.01], 6.01, tiny)]  # unfamiliar on the Pi: UNSURE

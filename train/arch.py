@@ -119,10 +119,22 @@ def hard_disagreements(bundle: Bundle, pairs: list[tuple[dict, dict]], confidenc
 
 def suggest_margins(bundle: Bundle, pairs: list[tuple[dict, dict]], ood_margin: float) -> dict:
     """The confidence and mass margins (with `ood_margin`) under which no photo is EDIBLE on one CPU and not
-    on the other at the raw thresholds, keeping the most EDIBLE answers; None if no pair on the grid does."""
+    on the other at the raw thresholds, keeping the most EDIBLE answers; None if no pair on the grid does.
+
+    Never below the card's own margins: a suggestion may tighten them, never loosen them. Without that
+    floor the most-EDIBLE pair can trade the card's confidence margin for a mass margin and turn a
+    poisonous photo that one CPU called EDIBLE into one that both do (seen on a scarletina bolete at
+    confidence 0.980 / 0.986 against a 0.964 raw threshold)."""
     t = bundle.thresholds
-    conf_grid = [round(k * MARGIN_STEP, 6) for k in range(int(round(MAX_MARGIN / MARGIN_STEP)) + 1)]
-    mass_grid = [round(k * 0.001, 6) for k in range(int(round(t.poisonous_max_mass / 0.001)) + 1)]
+
+    def floor(margin: float, step: float) -> int:
+        return int(math.ceil(round(margin / step, 6)))
+
+    conf_grid = [round(k * MARGIN_STEP, 6)
+                 for k in range(floor(t.confidence_margin, MARGIN_STEP), int(round(MAX_MARGIN / MARGIN_STEP)) + 1)]
+    mass_grid = [round(k * 0.001, 6)
+                 for k in range(floor(t.mass_margin, 0.001), int(round(t.poisonous_max_mass / 0.001)) + 1)]
+    ood_margin = max(ood_margin, t.ood_margin)
     best = None
     for m_mass in mass_grid:
         for m_conf in conf_grid:
@@ -220,8 +232,8 @@ def format_jitter(j: dict) -> str:
 
     nt, ws, sg = j["near_thresholds"], j["with_suggested"], j["suggested"]
     lines = [
-        f"x86-64 vs aarch64 on {j['photos']} photos ({j['known_species']} of known species, "
-        f"{j['unseen_species']} unseen): {j['verdict_flips']} verdict flip(s), {j['label_flips']} label flip(s)",
+        f"x86-64 vs aarch64 on {j['photos']} photos ({j['known_species']} of the split, "
+        f"{j['unseen_species']} from --unseen): {j['verdict_flips']} verdict flip(s), {j['label_flips']} label flip(s)",
         f"  |d confidence|      {st(j['abs_delta_confidence'])}",
         f"  |d poisonous mass|  {st(j['abs_delta_poisonous_mass'])}",
         f"  |d ood score|       {st(j['abs_delta_ood'])}",
@@ -230,9 +242,10 @@ def format_jitter(j: dict) -> str:
         f"  suggested margins: confidence {sg['confidence_margin']}, mass {sg['mass_margin']}, ood {sg['ood_margin']}; "
         f"with them {ws['verdict_differences']} difference(s) left, each UNSURE on one side "
         f"({ws['one_sided_poisonous']} POISONOUS/UNSURE)",
-        f"  EDIBLE on known species x86/aarch64: {j['edible_known_species']['x86_64']}/{j['edible_known_species']['aarch64']}"
-        f" raw, {ws['edible_known_species']['x86_64']}/{ws['edible_known_species']['aarch64']} with the margins; "
-        f"unseen species answered EDIBLE: {j['edible_unseen_species']['x86_64']}/{j['edible_unseen_species']['aarch64']}",
+        f"  EDIBLE among the split's photos x86/aarch64: {j['edible_known_species']['x86_64']}/"
+        f"{j['edible_known_species']['aarch64']} at the card's thresholds, {ws['edible_known_species']['x86_64']}/"
+        f"{ws['edible_known_species']['aarch64']} with the suggested margins; --unseen photos answered EDIBLE: "
+        f"{j['edible_unseen_species']['x86_64']}/{j['edible_unseen_species']['aarch64']}",
     ]
     for f in j["flips"]:
         lines.append(f"    flip {Path(f['path']).name}: x86 {f['x86_64']} {f['x86_64_label']} {f['confidence'][0]} / "

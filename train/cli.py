@@ -381,6 +381,7 @@ def loso(
     epochs: Annotated[int, typer.Option(help="As for fit.")] = _HP.epochs,
     fine_tune_epochs: Annotated[int, typer.Option(help="As for fit.")] = _HP.fine_tune_epochs,
     feature_copies: Annotated[int, typer.Option(help="As for fit.")] = _HP.feature_copies,
+    edible_penalty: Annotated[float, typer.Option(help="As for fit.")] = _HP.edible_penalty,
     calibration: Annotated[int, typer.Option(help="As for export.")] = 400,
     ood_method: Annotated[str, typer.Option(help="As for export.")] = "knn",
     ood_percentile: Annotated[float, typer.Option(min=50, max=100, help="As for export.")] = 95.0,
@@ -395,7 +396,7 @@ def loso(
 
     with _reported():
         hp = HParams(weights=weights, size=size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
-                     feature_copies=feature_copies, seed=seed)
+                     feature_copies=feature_copies, edible_penalty=edible_penalty, seed=seed)
         opts = ExportOptions(out=out, calibration=calibration, ood_method=_ood_method(ood_method),
                              ood_percentile=ood_percentile, min_edible_coverage=min_edible_coverage)
         summary = run_loso(work, out, hp, opts, holdout, reuse_fits=reuse_fits)
