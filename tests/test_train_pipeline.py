@@ -503,3 +503,15 @@ def test_a_negative_edible_penalty_is_refused():
 
     with pytest.raises(ConfigError, match="edible-penalty"):
         HParams(edible_penalty=-1.0).validate()
+
+
+def test_export_says_so_when_the_margins_leave_no_edible_answer(open_world, tmp_path):
+    # Raw confidence floor 0.6 + a 0.45 margin is a bar above 1: nothing can be EDIBLE. The bundle is still
+    # written (it is safe), but the user is told in one line instead of finding out in the field.
+    exp = invoke("export", open_world["work"], "--out", tmp_path / "b", "--calibration", "16", *LAX_GATE,
+                 "--samples", "1", "--max-unseen-edible", "1", "--max-poison-edible", "1",
+                 "--min-edible-confidence", "0.6", "--confidence-margin", "0.45", "--force")
+    assert exp.exit_code == 0, exp.output
+    assert "practically never answer EDIBLE" in exp.output
+    card = json.loads((tmp_path / "b" / "model.json").read_text())
+    assert card["calibration"]["expected_at_effective"]["val"]["edible_coverage"]["count"] == 0

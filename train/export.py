@@ -607,6 +607,14 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
             eff_mask = ow.edible_mask(probs_val, oods_val, edible_labels, th_final)
             ow.check_mirror(probs_val, oods_val, labels, bundle.classes, th_final, eff_mask)
             eff_fig = ow.figures(eff_mask, g_val, val_species)
+            if g_val.edible.any() and not (eff_mask & g_val.edible).any():
+                # A bundle that can never answer EDIBLE is safe but useless; say so instead of shipping it
+                # quietly (seen: calibrated confidence 0.988 + margin 0.02 is a bar above 1).
+                notes.append(
+                    f"no val edible photo is EDIBLE at the effective thresholds (edible_min_confidence "
+                    f"{raw.edible_min_confidence:.3f} + margin {th_final.confidence_margin:g}, mass cap "
+                    f"{raw.poisonous_max_mass:g} - {th_final.mass_margin:g}): this bundle will practically never "
+                    "answer EDIBLE; retrain, add val photos, or lower the margins if they were not measured")
             calibration = {
                 "method": ("open world: the loosest (edible_min_confidence, poisonous_max_mass, ood_max_score) "
                            "on a grid of observed val values with val unseen-species->EDIBLE <= target and known "
