@@ -68,7 +68,7 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     return (len(y) / (n_classes * np.maximum(counts, 1.0))).astype(np.float32)
 
 
-def edible_mask(manifest: Manifest) -> np.ndarray:
+def edible_classes(manifest: Manifest) -> np.ndarray:
     """1.0 for each label whose photos may end EDIBLE (edibility `edible`), 0.0 for the rest (`other` too)."""
     return np.array([float(manifest.classes[lab].get("edibility") == "edible") for lab in manifest.labels],
                     dtype=np.float32)
@@ -276,7 +276,7 @@ def fit(work: Path, hp: HParams) -> FitResult:
     lo, hi = (0.0 - spec.mean) / spec.std, (255.0 - spec.mean) / spec.std
     augment = build_augmentation(keras, hp, (lo, hi), hp.seed)
     weights_c = class_weights(y_train, n_classes)
-    loss = make_loss(keras, edible_mask(manifest), hp.edible_penalty)
+    loss = make_loss(keras, edible_classes(manifest), hp.edible_penalty)
     best = _Best(model)
     history: dict[str, dict[str, list[float]]] = {}
     verbose = 1 if console.err.is_terminal else 2
