@@ -156,3 +156,135 @@ def test_loso_record_adds_a_partial_run_to_the_folds_already_in_the_card(bundle_
     assert rec["edible_rate"] == pytest.approx(25 / 200) and rec["worst_fold_edible_rate"] == pytest.approx(0.2)
     assert rec["earlier_folds"] == ["a"] and rec["earlier_ood"] == {"method": "knn"}
     load_bundle(bundle_copy)  # the card still validates; hashes untouched
+
+
+# --- leave-one-species-out folds as calibration evidence (export --loso) ---
+
+def _held(folds: dict[str, tuple[np.ndarray, np.ndarray]]) -> ow.Held:
+    """Held-out photos per fold: (top label edible?, ood) each; confidence 0.97, no non-edible mass."""
+    fold = np.concatenate([[f] * len(e) for f, (e, _) in folds.items()])
+    top = np.concatenate([e for e, _ in folds.values()]).astype(bool)
+    ood = np.concatenate([o for _, o in folds.values()]).astype(float)
+    return ow.Held(fold, top, np.full(len(fold), 0.97), np.zeros(len(fold)), ood)
+
+
+def _bolete_fold() -> tuple[np.ndarray, np.ndarray]:
+    """20 held-out photos taken for the edible species, ood 0.205..0.281: more familiar-looking than every
+    val unseen photo (>= 0.30), as a look-alike of a known species is."""
+    return np.ones(20, bool), 0.205 + 0.004 * np.arange(20)
+
+
+def test_held_out_folds_make_the_calibration_stricter_per_fold():
+    probs, oods, g = _table()
+    base = Thresholds(0.9, 0.25, 0.5, None)
+    held = _held({"bolete": _bolete_fold(), "morel": (np.zeros(180, bool), np.full(180, 0.1))})
+    # Val alone (target 2%) chooses ood <= 0.30 (coverage 11/20), where all 20 bolete photos are EDIBLE.
+    opts = ExportOptions(out=None, max_unseen_edible=0.02, max_poison_edible=0.0, min_edible_confidence=0.8,
+                         max_held_edible=0.10, max_held_fold_edible=1.0)
+    loose, _, _ = open_world_calibration(probs, oods, LABELS, CLASSES, g, base, opts, held)
+    assert loose.ood_max_score == pytest.approx(0.30) and ow.held_mask(held, loose).sum() == 20  # 20/200 = 10%
+    # Each fold <= 5% (1 of 20): the bolete fold binds, ood moves to the val value 0.20 under its first
+    # photo (0.205), and coverage falls to edible i = 0..5.
+    opts.max_held_fold_edible = 0.05
+    best, table, edible_labels = open_world_calibration(probs, oods, LABELS, CLASSES, g, base, opts, held)
+    assert best.ood_max_score == pytest.approx(0.20)
+    assert ow.held_mask(held, best).sum() == 0
+    assert (ow.edible_mask(probs, oods, edible_labels, best) & g.edible).sum() == 6
+    assert table[0][6] is not None  # the table carries the held-out rate of every point
+    # The same fold also binds through the all-folds target.
+    opts.max_held_fold_edible, opts.max_held_edible = 1.0, 0.005
+    assert open_world_calibration(probs, oods, LABELS, CLASSES, g, base, opts, held)[0].ood_max_score == pytest.approx(0.20)
+
+
+def test_held_mask_is_edible_mask_on_per_photo_figures():
+    rng = np.random.default_rng(5)
+    probs = rng.dirichlet(np.full(3, 0.1), size=3000)
+    oods = rng.uniform(0, 1, size=3000)
+    oods[::50] = np.nan  # no score: never EDIBLE when the bundle has an ood threshold
+    top = probs.argmax(axis=1)
+    held = ow.Held(np.array(["f"] * 3000), EDIBLE_LABELS[top], probs.max(axis=1), probs[:, ~EDIBLE_LABELS].sum(axis=1),
+                   oods)
+    for _ in range(20):
+        th = Thresholds(float(rng.uniform(0.5, 1)), float(rng.uniform(0, 0.5)), 0.5,
+                        None if rng.uniform() < 0.2 else float(rng.uniform(0.1, 0.9)),
+                        float(rng.uniform(0, 0.05)), float(rng.uniform(0, 0.05)), float(rng.uniform(0, 0.02)))
+        assert np.array_equal(ow.held_mask(held, th), ow.edible_mask(probs, oods, EDIBLE_LABELS, th))
+
+
+def test_held_evidence_measures_each_fold_at_thresholds_calibrated_without_it():
+    from train.export import held_evidence
+
+    probs, oods, g = _table()
+    base = Thresholds(0.9, 0.25, 0.5, None)
+    held = _held({"bolete": _bolete_fold(), "morel": (np.zeros(180, bool), np.full(180, 0.1))})
+    opts = ExportOptions(out=None, max_unseen_edible=0.02, max_poison_edible=0.0, min_edible_confidence=0.8,
+                         max_held_edible=0.01, max_held_fold_edible=0.05)
+    best, _, _ = open_world_calibration(probs, oods, LABELS, CLASSES, g, base, opts, held)
+    ev = held_evidence(probs, oods, LABELS, CLASSES, g, base, opts, held, best)
+    assert ev["at_effective"]["all"]["count"] == 0 and ev["at_effective"]["folds"]["bolete"]["n"] == 20
+    lofo = {f["held_out"]: f for f in ev["leave_one_fold_out"]["folds"]}
+    # Calibrated without the bolete fold, val alone sets ood 0.30: every bolete photo comes out EDIBLE.
+    # That is what the in-sample 0/20 hides, and what the card must show.
+    assert lofo["bolete"]["ood_max_score"] == pytest.approx(0.30)
+    assert lofo["bolete"]["answered_edible"]["count"] == 20
+    assert lofo["morel"]["answered_edible"]["count"] == 0
+    assert ev["leave_one_fold_out"]["all"] == ow.rate(20, 200)
+
+
+def _loso_dir(tmp_path, manifest: dict, held: str, records: list[dict], thresholds: dict):
+    """A fold as `loso` leaves it: manifest without `held`, bundle card (roles, thresholds), loso.json."""
+    import json
+
+    from train.loso import fold_manifest
+
+    fold = tmp_path / "loso" / f"without-{held}"
+    (fold / "bundle").mkdir(parents=True)
+    (fold / "manifest.json").write_text(json.dumps(fold_manifest(manifest, held)))
+    classes = {lab: {"edibility": c["edibility"], "role": c.get("role", c["edibility"])}
+               for lab, c in manifest["classes"].items() if lab != held}
+    (fold / "bundle" / "model.json").write_text(json.dumps({"classes": classes, "thresholds": thresholds}))
+    (fold / "loso.json").write_text(json.dumps({
+        "held_out": held, "photos": len(records), "answered_edible": sum(r["verdict"] == "EDIBLE" for r in records),
+        "answered_unsure": sum(r["verdict"] == "UNSURE" for r in records), "answered_poisonous": 0,
+        "edible_rate": 0.0, "val_edible_coverage": 0.5, "held_records": records}))
+    return tmp_path / "loso"
+
+
+def _manifest() -> dict:
+    classes = {"ed": {"edibility": "edible"}, "pois": {"edibility": "poisonous"},
+               "other": {"edibility": "poisonous", "role": "other"}}
+    images = [{"path": f"{lab}/{i}.jpg", "label": lab, "split": ("train", "val", "test")[i % 3]}
+              for lab in classes for i in range(6)]
+    return {"labels": list(classes), "classes": classes, "images": images, "data_dir": "/data"}
+
+
+def test_load_held_reads_the_folds_and_refuses_another_split_or_inconsistent_records(tmp_path):
+    import json
+
+    from device.errors import DataError
+    from train.loso import load_held
+
+    th = {"edible_min_confidence": 0.9, "poisonous_max_mass": 0.1, "poisonous_min_confidence": 0.5,
+          "ood_max_score": 0.5, "confidence_margin": 0.02, "ood_margin": 0.015}
+    recs = [{"path": "p0", "verdict": "EDIBLE", "label": "ed", "confidence": 0.95, "poisonous_mass": 0.05, "ood_score": 0.4},
+            {"path": "p1", "verdict": "UNSURE", "label": "ed", "confidence": 0.95, "poisonous_mass": 0.05, "ood_score": 0.49},
+            {"path": "p2", "verdict": "UNSURE", "label": "other", "confidence": 0.99, "poisonous_mass": 0.99,
+             "ood_score": None}]
+    m = _manifest()
+    loso = _loso_dir(tmp_path, m, "pois", recs, th)
+    held, folds = load_held(loso, m)
+    assert list(held.fold) == ["pois"] * 3 and list(held.top_edible) == [True, True, False]
+    assert np.isnan(held.ood[2]) and folds[0]["held_out"] == "pois" and "held_records" not in folds[0]
+    # A fold trained on another split would have trained on photos the shipped model is calibrated on.
+    other_split = json.loads(json.dumps(m))
+    other_split["images"][0]["split"] = "val"
+    with pytest.raises(DataError, match="different split"):
+        load_held(loso, other_split)
+    # A recorded verdict the recorded figures do not give (rounded past a threshold, or edited).
+    recs[1]["verdict"] = "EDIBLE"
+    (loso / "without-pois" / "loso.json").write_text(json.dumps({**json.loads((loso / "without-pois" / "loso.json").read_text()),
+                                                                  "held_records": recs}))
+    with pytest.raises(DataError, match="1 recorded verdicts"):
+        load_held(loso, m)
+    with pytest.raises(DataError, match="no leave-one-species-out folds"):
+        load_held(tmp_path / "empty", m)

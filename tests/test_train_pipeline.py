@@ -515,3 +515,40 @@ def test_export_says_so_when_the_margins_leave_no_edible_answer(open_world, tmp_
     assert "practically never answer EDIBLE" in exp.output
     card = json.loads((tmp_path / "b" / "model.json").read_text())
     assert card["calibration"]["expected_at_effective"]["val"]["edible_coverage"]["count"] == 0
+
+
+def test_loso_holds_out_known_poisonous_species_never_the_other_pool(open_world, tmp_path):
+    out = invoke("loso", open_world["work"], "--out", tmp_path / "l", "--holdout", "other", "--weights", "none")
+    assert out.exit_code == 1 and "the other pool, not a species" in error_line(out)
+
+
+def test_export_with_loso_folds_calibrates_on_them_and_records_both_figures(open_world, tmp_path):
+    manifest = json.loads((open_world["work"] / "manifest.json").read_text())
+    loso = tmp_path / "loso"
+    run = invoke("loso", open_world["work"], "--out", loso, "--weights", "none", "--size", "32", "--epochs", "1",
+                 "--fine-tune-epochs", "0", "--feature-copies", "1", "--calibration", "8")
+    assert run.exit_code == 0, run.output
+    poisonous = sorted(c for c, v in manifest["classes"].items() if v["edibility"] == "poisonous" and v.get("role") != "other")
+    assert sorted(p.name for p in loso.glob("without-*")) == [f"without-{c}" for c in poisonous]
+    bundle = tmp_path / "b"
+    exp = invoke("export", open_world["work"], "--out", bundle, "--calibration", "16", *LAX_GATE, "--samples", "1",
+                 "--max-unseen-edible", "1", "--max-poison-edible", "1", "--min-edible-confidence", "0.5",
+                 "--loso", loso, "--max-held-edible", "0", "--max-held-fold-edible", "0", "--force")
+    assert exp.exit_code == 0, exp.output
+    assert "held-out species (leave-one-species-out folds) answered EDIBLE" in exp.stdout
+    card = load_bundle(bundle).card
+    lo = card["calibration"]["leave_one_species_out"]
+    held = sum(1 for im in manifest["images"] if im["label"] in poisonous)
+    assert lo["photos"] == held and lo["folds"] == poisonous
+    assert lo["at_effective"]["all"]["count"] == 0  # target 0: no held-out photo EDIBLE at the shipped point
+    assert [f["held_out"] for f in lo["leave_one_fold_out"]["folds"]] == poisonous
+    assert [f["held_out"] for f in card["metrics"]["leave_one_species_out"]["folds"]] == poisonous
+    assert "leave-one-species-out" in card["calibration"]["method"]
+    # Folds of another split are refused with one line, and nothing is written.
+    other = tmp_path / "w2"
+    shutil.copytree(open_world["work"], other)
+    m2 = json.loads((other / "manifest.json").read_text())
+    m2["images"] = m2["images"][1:]
+    (other / "manifest.json").write_text(json.dumps(m2))
+    bad = invoke("export", other, "--out", tmp_path / "b2", "--calibration", "16", *LAX_GATE, "--loso", loso, "--force")
+    assert bad.exit_code == 1 and "different split" in error_line(bad) and not (tmp_path / "b2").exists()

@@ -194,6 +194,10 @@ def export(
     mass_margin: Annotated[float, typer.Option(min=0, max=0.2, help="Written to thresholds.mass_margin: EDIBLE needs the non-edible mass this much under poisonous_max_mass (int8 jitter).")] = 0.0,
     margins_why: Annotated[Optional[str], typer.Option(help="Where the margins come from, for the card (default: the assumed jitter).")] = None,
     other_samples: Annotated[int, typer.Option(help="Other-pool test photos in samples/ (expected verdict UNSURE); 0 by default: the other pool's photos must not be redistributed.")] = 0,
+    loso: Annotated[Optional[Path], typer.Option(help="Leave-one-species-out folds of this split (`loso --out`): their held-out poisonous species are calibration evidence too.",
+                                                 exists=True, file_okay=False)] = None,
+    max_held_edible: Annotated[float, typer.Option(min=0, max=1, help="With --loso: target share of all held-out photos answered EDIBLE.")] = 0.01,
+    max_held_fold_edible: Annotated[float, typer.Option(min=0, max=1, help="With --loso: target share of each held-out species answered EDIBLE.")] = 0.05,
 ) -> None:
     """Quantize WORK/model.keras to an int8 bundle, gate it on float/int8 agreement, calibrate thresholds, write BUNDLE."""
     from train.export import ExportOptions, export as run_export
@@ -205,7 +209,8 @@ def export(
             samples=samples, max_poison_edible=max_poison_edible, min_edible_confidence=min_edible_confidence,
             ood_method=_ood_method(ood_method), ood_percentile=ood_percentile, min_edible_coverage=min_edible_coverage,
             max_unseen_edible=max_unseen_edible, confidence_margin=confidence_margin, ood_margin=ood_margin,
-            mass_margin=mass_margin, other_samples=other_samples,
+            mass_margin=mass_margin, other_samples=other_samples, loso=loso, max_held_edible=max_held_edible,
+            max_held_fold_edible=max_held_fold_edible,
             **({"margins_why": margins_why} if margins_why else {}),
         ))
         th, v = result.thresholds, result.val
@@ -226,6 +231,13 @@ def export(
                 f"val safety: poisonous answered EDIBLE {v['poisonous_as_edible']:.2%}, edible coverage "
                 f"{v['edible_coverage']:.2%}, UNSURE {v['unsure_rate']:.2%}, cost {v['cost']:.3f}"
             )
+        lo = (result.calibration or {}).get("leave_one_species_out")
+        if lo:
+            a, lofo = lo["at_effective"]["all"], lo["leave_one_fold_out"]["all"]
+            console.out.print(
+                f"held-out species (leave-one-species-out folds) answered EDIBLE at the effective thresholds: "
+                f"{a['count']}/{a['n']} (calibrated on them); each fold calibrated without it: "
+                f"{lofo['count']}/{lofo['n']} ({lofo['rate']:.2%})")
         g = result.gate or {}
         if g:
             console.out.print(f"int8 gate: top-1 agreement (known species) {g['top1_agreement_known']['count']}/{g['top1_agreement_known']['n']}, "

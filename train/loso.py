@@ -92,11 +92,18 @@ def loso(work: Path, out: Path, hp: HParams, opts: ExportOptions, holdouts: list
          reuse_fits: bool = False) -> dict:
     """All folds (default: every poisonous species); writes OUT/loso.json and returns the summary."""
     manifest = json.loads((Path(work) / "manifest.json").read_text())
-    poisonous = [c for c in manifest["labels"] if manifest["classes"][c]["edibility"] == "poisonous"]
+    # The `other` class is poisonous by edibility but is not a species: holding it out would measure
+    # nothing the protocol asks (the other pool's test species already are unseen species).
+    poisonous = [c for c in manifest["labels"] if manifest["classes"][c]["edibility"] == "poisonous"
+                 and manifest["classes"][c].get("role", "poisonous") != "other"]
     holdouts = holdouts or poisonous
     unknown = [h for h in holdouts if h not in manifest["labels"]]
     if unknown:
         raise DataError(f"--holdout {unknown[0]!r} is not a class of {work} (classes: {', '.join(manifest['labels'])})")
+    pools = [h for h in holdouts if manifest["classes"][h].get("role") == "other"]
+    if pools:
+        raise DataError(f"--holdout {pools[0]!r} is the other pool, not a species; hold out a known poisonous "
+                        f"species ({', '.join(poisonous)})")
     if len(manifest["labels"]) - 1 < 2:
         raise DataError("leave-one-species-out needs at least 3 classes")
     folds = []
@@ -124,27 +131,79 @@ def totals(folds: list[dict]) -> dict:
             "worst_fold_edible_rate": max(f["edible_rate"] for f in folds)}
 
 
+FOLD_KEEP = ("held_out", "photos", "answered_edible", "answered_unsure", "answered_poisonous", "edible_rate",
+             "val_edible_coverage")
+
+
+def load_held(loso_dir: Path, manifest: dict):
+    """The folds already run in LOSO_DIR (`loso --out`) as calibration evidence for the shipped model.
+
+    Returns (train.openworld.Held of every held-out photo, the folds' own figures at their own thresholds).
+    A fold counts only if it was trained on this very split: its manifest must hold exactly the photos
+    (path, label, split) of `manifest` minus its species, else a threshold would be calibrated on photos
+    the shipped model trained on. Each fold's recorded verdicts must also come out of the per-photo
+    figures at that fold's own thresholds (the records round them), or the fold is refused.
+    """
+    from device.bundle import Thresholds
+    from train.openworld import Held, held_mask
+
+    loso_dir = Path(loso_dir)
+    files = sorted(loso_dir.glob("without-*/loso.json"))
+    if not files:
+        raise DataError(f"no leave-one-species-out folds in {loso_dir} (without-*/loso.json); run `make loso` "
+                        "or mushcam-train loso first, or leave out --loso")
+    key = lambda im: (im["path"], im["label"], im["split"])  # noqa: E731
+    parts, folds = [], []
+    for f in files:
+        rec = json.loads(f.read_text())
+        held = rec["held_out"]
+        fold_manifest_path = f.parent / "manifest.json"
+        want = {key(im) for im in manifest["images"] if im["label"] != held}
+        got = {key(im) for im in json.loads(fold_manifest_path.read_text())["images"]}
+        if held not in manifest["labels"] or want != got:
+            raise DataError(f"{f.parent}: this fold was trained on a different split than {manifest.get('data_dir')} "
+                            f"({len(want ^ got)} photos differ); re-run the folds (make loso) for this manifest")
+        card = json.loads((f.parent / "bundle" / "model.json").read_text())
+        roles = {lab: c.get("role") or c["edibility"] for lab, c in card["classes"].items()}
+        r = rec["held_records"]
+        h = Held(np.array([held] * len(r)), np.array([roles.get(x["label"]) == "edible" for x in r], dtype=bool),
+                 np.array([x["confidence"] for x in r], dtype=np.float64),
+                 np.array([x["poisonous_mass"] for x in r], dtype=np.float64),
+                 np.array([np.nan if x["ood_score"] is None else x["ood_score"] for x in r], dtype=np.float64))
+        th = Thresholds(**{k: v for k, v in card["thresholds"].items() if k in Thresholds.__dataclass_fields__})
+        recorded = np.array([x["verdict"] == "EDIBLE" for x in r], dtype=bool)
+        if not np.array_equal(held_mask(h, th), recorded):
+            raise DataError(f"{f}: {int((held_mask(h, th) != recorded).sum())} recorded verdicts do not follow from "
+                            "the recorded figures at the fold's thresholds; re-run the fold")
+        parts.append(h)
+        folds.append({k: rec[k] for k in FOLD_KEEP if k in rec})
+    cat = lambda name: np.concatenate([getattr(h, name) for h in parts])  # noqa: E731
+    return Held(cat("fold"), cat("top_edible"), cat("conf"), cat("mass"), cat("ood")), folds
+
+
+def card_section(folds: list[dict], ood: dict | None, earlier: dict | None = None) -> dict:
+    """metrics.leave_one_species_out: the folds' own figures (each at its own val-calibrated thresholds)."""
+    ran = {f["held_out"] for f in folds}
+    # A run of some folds (--holdout, e.g. the one fold that did not fit in a session) adds to the folds
+    # already recorded instead of erasing them; a fold run again replaces its earlier figures.
+    kept = [f for f in (earlier or {}).get("folds", []) if f.get("held_out") not in ran]
+    both = totals(kept + folds)
+    return {
+        "folds": kept + folds,
+        "edible_rate": both["edible_rate"],
+        "worst_fold_edible_rate": both["worst_fold_edible_rate"],
+        "ood": ood,
+        **({"earlier_folds": [f["held_out"] for f in kept], "earlier_ood": (earlier or {}).get("ood")} if kept else {}),
+    }
+
+
 def record_in_card(bundle: Path, summary: dict) -> None:
     """Put the per-fold figures into a bundle's card (metrics.leave_one_species_out); hashes untouched."""
     from device.bundle import write_card
 
     card_path = Path(bundle) / "model.json"
     card = json.loads(card_path.read_text(encoding="utf-8"))
-    keep = ("held_out", "photos", "answered_edible", "answered_unsure", "answered_poisonous", "edible_rate",
-            "val_edible_coverage")
-    new = [{k: f[k] for k in keep} for f in summary["folds"]]
-    ran = {f["held_out"] for f in new}
-    earlier = card.setdefault("metrics", {}).get("leave_one_species_out") or {}
-    # A run of some folds (--holdout, e.g. the one fold that did not fit in a session) adds to the folds
-    # already recorded instead of erasing them; a fold run again replaces its earlier figures.
-    kept = [f for f in earlier.get("folds", []) if f.get("held_out") not in ran]
-    folds = kept + new
-    both = totals(folds)
-    card["metrics"]["leave_one_species_out"] = {
-        "folds": folds,
-        "edible_rate": both["edible_rate"],
-        "worst_fold_edible_rate": both["worst_fold_edible_rate"],
-        "ood": summary.get("ood"),
-        **({"earlier_folds": [f["held_out"] for f in kept], "earlier_ood": earlier.get("ood")} if kept else {}),
-    }
+    new = [{k: f[k] for k in FOLD_KEEP} for f in summary["folds"]]
+    metrics = card.setdefault("metrics", {})
+    metrics["leave_one_species_out"] = card_section(new, summary.get("ood"), metrics.get("leave_one_species_out"))
     write_card(Path(bundle), card)

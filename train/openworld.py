@@ -116,12 +116,61 @@ def candidates(values: np.ndarray, n: int = 60) -> np.ndarray:
     return np.unique(np.quantile(v, np.linspace(0, 1, n), method="inverted_cdf"))
 
 
+@dataclass
+class Held:
+    """Photos of known poisonous species each measured by a fit that never saw its species (the
+    leave-one-species-out folds of the same recipe): per photo, the fold (= held-out species), whether
+    the top label's role is edible, the confidence, the non-edible mass and the unknown-species score
+    (NaN: none). Enough to re-apply the EDIBLE branch of the policy at any thresholds."""
+
+    fold: np.ndarray
+    top_edible: np.ndarray
+    conf: np.ndarray
+    mass: np.ndarray
+    ood: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.fold)
+
+    def without(self, fold: str) -> "Held":
+        keep = self.fold != fold
+        return Held(self.fold[keep], self.top_edible[keep], self.conf[keep], self.mass[keep], self.ood[keep])
+
+
+def held_mask(h: Held, th) -> np.ndarray:
+    """Which held-out photos the policy answers EDIBLE under `th` (edible_mask on per-photo figures)."""
+    ok = h.top_edible & (h.conf >= th.edible_min_confidence + max(0.0, th.confidence_margin)) \
+        & (h.mass <= th.poisonous_max_mass - max(0.0, getattr(th, "mass_margin", 0.0)))
+    if th.ood_max_score is not None:
+        ok &= np.isfinite(h.ood) & (h.ood <= th.ood_max_score - max(0.0, th.ood_margin))
+    return ok
+
+
+def held_figures(mask: np.ndarray, h: Held) -> dict:
+    """All held-out photos answered EDIBLE, and each fold's share (Wilson intervals)."""
+    folds = {f: rate(int((mask & (h.fold == f)).sum()), int((h.fold == f).sum())) for f in sorted(set(h.fold))}
+    worst = max(folds.items(), key=lambda kv: (kv[1]["rate"], kv[1]["n"]), default=(None, None))
+    return {"all": rate(int(mask.sum()), len(mask)), "folds": folds, "worst_fold": worst[0]}
+
+
+def held_within(mask: np.ndarray, h: Held, max_all: float, max_fold: float) -> bool:
+    """Held-out photos answered EDIBLE at or under max_all over all folds and max_fold in every fold."""
+    if not len(h):
+        return True
+    if mask.sum() > max_all * len(mask):
+        return False
+    return all((mask & (h.fold == f)).sum() <= max_fold * (h.fold == f).sum() for f in set(h.fold))
+
+
 def search(probs, oods, edible_labels, g: Groups, base, conf_grid, ood_grid, max_unseen: float,
-           max_poisonous: float, mass_grid=None):
+           max_poisonous: float, mass_grid=None, held: Held | None = None, max_held: float = 1.0,
+           max_held_fold: float = 1.0):
     """The loosest (edible_min_confidence, ood_max_score[, poisonous_max_mass]) on a grid: most edible
-    coverage such that the unseen->EDIBLE and poisonous->EDIBLE rates stay at or under their targets.
+    coverage such that the unseen->EDIBLE and poisonous->EDIBLE rates stay at or under their targets,
+    and (with `held`: leave-one-species-out photos) the held-out species answered EDIBLE stay at or under
+    max_held overall and max_held_fold in each fold.
     Ties go to the stricter point (higher confidence, lower mass cap, lower ood). Returns (Thresholds or
-    None, table of every point: (conf, ood, coverage, unseen, poisonous, mass))."""
+    None, table of every point: (conf, ood, coverage, unseen, poisonous, mass, held or None))."""
     from dataclasses import replace
 
     best, best_key, table = None, None, []
@@ -135,8 +184,11 @@ def search(probs, oods, edible_labels, g: Groups, base, conf_grid, ood_grid, max
                 cov = (m & g.edible).sum() / n_e
                 u = (m & g.unseen).sum() / n_u if n_u else 0.0
                 pz = (m & g.poisonous).sum() / n_p if n_p else 0.0
-                table.append((float(c), None if o is None else float(o), float(cov), float(u), float(pz), float(mcap)))
-                if u <= max_unseen and pz <= max_poisonous:
+                hm = held_mask(held, th) if held is not None and len(held) else None
+                table.append((float(c), None if o is None else float(o), float(cov), float(u), float(pz), float(mcap),
+                              None if hm is None else float(hm.mean())))
+                if u <= max_unseen and pz <= max_poisonous and (
+                        hm is None or held_within(hm, held, max_held, max_held_fold)):
                     key = (cov, c, -mcap, -(o if o is not None else 0.0))
                     if best_key is None or key > best_key:
                         best, best_key = th, key
