@@ -426,6 +426,44 @@ def loso(
             console.out.print(f"recorded in {record / 'model.json'}")
 
 
+@app.command()
+def recalibrate(
+    bundle: Annotated[Path, typer.Argument(help="Open-world model bundle (export) to choose the thresholds of again.", exists=True, file_okay=False)],
+    work: Annotated[Path, typer.Argument(help="The WORK dir (split) the bundle was trained and calibrated on.", exists=True, file_okay=False)],
+    loso: Annotated[Optional[Path], typer.Option(help="Leave-one-species-out folds of this split (`loso --out`): their held-out species are calibration evidence too.",
+                                                 exists=True, file_okay=False)] = None,
+    max_unseen_edible: Annotated[float, typer.Option(min=0, max=1, help="Target: val unseen-species photos answered EDIBLE.")] = 0.01,
+    max_poison_edible: Annotated[float, typer.Option(min=0, max=1, help="Target: known poisonous val photos answered EDIBLE.")] = 0.005,
+    max_held_edible: Annotated[float, typer.Option(min=0, max=1, help="With --loso: target share of all held-out photos answered EDIBLE.")] = 0.01,
+    max_held_fold_edible: Annotated[float, typer.Option(min=0, max=1, help="With --loso: target share of each held-out species answered EDIBLE.")] = 0.05,
+    min_edible_confidence: Annotated[float, typer.Option(help="Floor of the calibrated edible_min_confidence.")] = 0.9,
+) -> None:
+    """Choose BUNDLE's thresholds again with export's search (no refit; the card's margins kept), e.g. with --loso folds."""
+    from train.export import ExportOptions, recalibrate as run
+
+    with _reported():
+        res = run(bundle, work, ExportOptions(out=bundle, max_unseen_edible=max_unseen_edible,
+                                              max_poison_edible=max_poison_edible, min_edible_confidence=min_edible_confidence,
+                                              loso=loso, max_held_edible=max_held_edible,
+                                              max_held_fold_edible=max_held_fold_edible))
+        th, cal = res["thresholds"], res["calibration"]
+        eff = cal["expected_at_effective"]["val"]
+        console.out.print(
+            f"thresholds {th['edible_min_confidence']:.4f} (+{th['confidence_margin']:g}) / mass "
+            f"{th['poisonous_max_mass']:g} (-{th['mass_margin']:g}) / ood {th.get('ood_max_score') or 0:.4f} "
+            f"(-{th['ood_margin']:g}); val at the effective thresholds: coverage {eff['edible_coverage']['count']}/"
+            f"{eff['edible_coverage']['n']}, unseen {eff['unseen_as_edible']['count']}/{eff['unseen_as_edible']['n']}, "
+            f"poisonous {eff['poisonous_as_edible']['count']}/{eff['poisonous_as_edible']['n']}")
+        lo = cal.get("leave_one_species_out")
+        if lo:
+            a, lofo = lo["at_effective"]["all"], lo["leave_one_fold_out"]["all"]
+            console.out.print(f"held-out species answered EDIBLE: {a['count']}/{a['n']} (calibrated on them); each "
+                              f"fold calibrated without it: {lofo['count']}/{lofo['n']} ({lofo['rate']:.2%})")
+        console.out.print(f"re-run `mushcam-train evaluate {bundle} {work} --split test --record` (metrics."
+                          f"{', metrics.'.join(res['stale'])} were removed: they were measured at the old thresholds)",
+                          markup=False)
+
+
 app.command("sign")(sign)
 
 

@@ -494,10 +494,89 @@ def held_evidence(probs, oods, labels, bundle_classes, g, base, opts: ExportOpti
     return out
 
 
-def export(work: Path, opts: ExportOptions) -> ExportResult:
-    """Convert, gate, calibrate and write the bundle to opts.out (see the module docstring)."""
+
+def choose_open_world(probs_val, oods_val, y_val, probs_test, oods_test, y_test, manifest: Manifest, val_recs, test_recs,
+                      labels, roles, bundle_classes, thresholds: dict, opts: ExportOptions, held, notes: list):
+    """The open-world operating point and the card's `calibration` (export and recalibrate share it).
+
+    Returns (effective Thresholds, calibration dict, raw Thresholds, search table, edible_labels, val Groups).
+    """
     from dataclasses import replace
 
+    from device.bundle import Thresholds
+    from train import openworld as ow
+
+    kinds_val = np.array([roles[labels[i]] for i in y_val])
+    g_val = ow.Groups(kinds_val == "edible", kinds_val == "poisonous", kinds_val == "other")
+    best, table, edible_labels = open_world_calibration(
+        probs_val, oods_val, labels, bundle_classes, g_val, Thresholds(**thresholds), opts, held)
+    if best is None:
+        also = (f" and the held-out species of {opts.loso} <= {opts.max_held_edible:.2%} (each "
+                f"<= {opts.max_held_fold_edible:.2%})" if held is not None else "")
+        message = (f"no thresholds keep val unseen species answered EDIBLE <= {opts.max_unseen_edible:.2%} "
+                   f"and poisonous <= {opts.max_poison_edible:.2%}{also}; bundle not written. Retrain, or pass "
+                   "--force (the bundle then demands confidence 1.0 for EDIBLE)")
+        if not opts.force:
+            raise ExportGateError(message)
+        notes.append("forced: " + message)
+        best = Thresholds(**{**thresholds, "edible_min_confidence": 1.0,
+                             "ood_max_score": None if oods_val is None else float(np.max(oods_val))})
+    raw = best
+    ow.check_mirror(probs_val, oods_val, labels, bundle_classes, raw,
+                    ow.edible_mask(probs_val, oods_val, edible_labels, raw))
+    th_final = replace(raw, confidence_margin=opts.confidence_margin, mass_margin=opts.mass_margin,
+                       ood_margin=opts.ood_margin if raw.ood_max_score is not None else 0.0)
+    val_species = [manifest.species(r) for r in val_recs]
+    raw_fig = ow.figures(ow.edible_mask(probs_val, oods_val, edible_labels, raw), g_val, val_species)
+    eff_mask = ow.edible_mask(probs_val, oods_val, edible_labels, th_final)
+    ow.check_mirror(probs_val, oods_val, labels, bundle_classes, th_final, eff_mask)
+    eff_fig = ow.figures(eff_mask, g_val, val_species)
+    if g_val.edible.any() and not (eff_mask & g_val.edible).any():
+        # A bundle that can never answer EDIBLE is safe but useless; say so instead of shipping it
+        # quietly (seen: calibrated confidence 0.988 + margin 0.02 is a bar above 1).
+        notes.append(
+            f"no val edible photo is EDIBLE at the effective thresholds (edible_min_confidence "
+            f"{raw.edible_min_confidence:.3f} + margin {th_final.confidence_margin:g}, mass cap "
+            f"{raw.poisonous_max_mass:g} - {th_final.mass_margin:g}): this bundle will practically never "
+            "answer EDIBLE; retrain, add val photos, or lower the margins if they were not measured")
+    calibration = {
+        "method": ("open world: the loosest (edible_min_confidence, poisonous_max_mass, ood_max_score) "
+                   "on a grid of observed val values with val unseen-species->EDIBLE <= target and known "
+                   "poisonous->EDIBLE <= target (margins 0; most val edible coverage, ties to the "
+                   "stricter); then the cross-architecture margins are added"),
+        "split": "val",
+        "unseen_species": manifest.other_species("val"),
+        "photos": {"edible": int(g_val.edible.sum()), "poisonous": int(g_val.poisonous.sum()),
+                   "unseen": int(g_val.unseen.sum())},
+        "target_unseen_as_edible": opts.max_unseen_edible,
+        "target_poisonous_as_edible": opts.max_poison_edible,
+        "edible_confidence_floor": opts.min_edible_confidence,
+        "grid": {"edible_min_confidence": len(set(r[0] for r in table)),
+                 "ood_max_score": len(set(r[1] for r in table)),
+                 "poisonous_max_mass": sorted(set(r[5] for r in table))},
+        "raw": {"edible_min_confidence": raw.edible_min_confidence, "ood_max_score": raw.ood_max_score,
+                "poisonous_max_mass": raw.poisonous_max_mass, "val": raw_fig},
+        "margins": {"confidence_margin": th_final.confidence_margin, "ood_margin": th_final.ood_margin,
+                    "mass_margin": th_final.mass_margin,
+                    "why": opts.margins_why},
+        "expected_at_effective": {"val": eff_fig},
+    }
+    if held is not None:
+        calibration["method"] += ("; the leave-one-species-out folds' photos (each poisonous species "
+                                  "measured by a fit without it) are more unseen species: all of them "
+                                  "answered EDIBLE <= target_all and each fold <= target_per_fold")
+        calibration["leave_one_species_out"] = held_evidence(
+            probs_val, oods_val, labels, bundle_classes, g_val, Thresholds(**thresholds), opts, held, th_final)
+    if len(test_recs):
+        kinds_t = np.array([roles[labels[i]] for i in y_test])
+        g_t = ow.Groups(kinds_t == "edible", kinds_t == "poisonous", kinds_t == "other")
+        t_mask = ow.edible_mask(probs_test, oods_test, edible_labels, th_final)
+        calibration["expected_at_effective"]["test"] = ow.figures(
+            t_mask, g_t, [manifest.species(r) for r in test_recs])
+    return th_final, calibration, raw, table, edible_labels, g_val
+
+def export(work: Path, opts: ExportOptions) -> ExportResult:
+    """Convert, gate, calibrate and write the bundle to opts.out (see the module docstring)."""
     from device.bundle import Thresholds, load_bundle, sha256_file, write_card
     from device.classifier import Classifier
     from device.engine import load_engine
@@ -638,73 +717,9 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
         th_final: Thresholds
         calibration: dict
         if open_world:
-            kinds_val = np.array([roles[labels[i]] for i in y_val])
-            g_val = ow.Groups(kinds_val == "edible", kinds_val == "poisonous", kinds_val == "other")
-            best, table, edible_labels = open_world_calibration(
-                probs_val, oods_val, labels, bundle.classes, g_val, Thresholds(**thresholds), opts, held)
-            if best is None:
-                also = (f" and the held-out species of {opts.loso} <= {opts.max_held_edible:.2%} (each "
-                        f"<= {opts.max_held_fold_edible:.2%})" if held is not None else "")
-                message = (f"no thresholds keep val unseen species answered EDIBLE <= {opts.max_unseen_edible:.2%} "
-                           f"and poisonous <= {opts.max_poison_edible:.2%}{also}; bundle not written. Retrain, or pass "
-                           "--force (the bundle then demands confidence 1.0 for EDIBLE)")
-                if not opts.force:
-                    raise ExportGateError(message)
-                notes.append("forced: " + message)
-                best = Thresholds(**{**thresholds, "edible_min_confidence": 1.0,
-                                     "ood_max_score": None if oods_val is None else float(np.max(oods_val))})
-            raw = best
-            ow.check_mirror(probs_val, oods_val, labels, bundle.classes, raw,
-                            ow.edible_mask(probs_val, oods_val, edible_labels, raw))
-            th_final = replace(raw, confidence_margin=opts.confidence_margin, mass_margin=opts.mass_margin,
-                               ood_margin=opts.ood_margin if raw.ood_max_score is not None else 0.0)
-            val_species = [manifest.species(r) for r in val_recs]
-            raw_fig = ow.figures(ow.edible_mask(probs_val, oods_val, edible_labels, raw), g_val, val_species)
-            eff_mask = ow.edible_mask(probs_val, oods_val, edible_labels, th_final)
-            ow.check_mirror(probs_val, oods_val, labels, bundle.classes, th_final, eff_mask)
-            eff_fig = ow.figures(eff_mask, g_val, val_species)
-            if g_val.edible.any() and not (eff_mask & g_val.edible).any():
-                # A bundle that can never answer EDIBLE is safe but useless; say so instead of shipping it
-                # quietly (seen: calibrated confidence 0.988 + margin 0.02 is a bar above 1).
-                notes.append(
-                    f"no val edible photo is EDIBLE at the effective thresholds (edible_min_confidence "
-                    f"{raw.edible_min_confidence:.3f} + margin {th_final.confidence_margin:g}, mass cap "
-                    f"{raw.poisonous_max_mass:g} - {th_final.mass_margin:g}): this bundle will practically never "
-                    "answer EDIBLE; retrain, add val photos, or lower the margins if they were not measured")
-            calibration = {
-                "method": ("open world: the loosest (edible_min_confidence, poisonous_max_mass, ood_max_score) "
-                           "on a grid of observed val values with val unseen-species->EDIBLE <= target and known "
-                           "poisonous->EDIBLE <= target (margins 0; most val edible coverage, ties to the "
-                           "stricter); then the cross-architecture margins are added"),
-                "split": "val",
-                "unseen_species": manifest.other_species("val"),
-                "photos": {"edible": int(g_val.edible.sum()), "poisonous": int(g_val.poisonous.sum()),
-                           "unseen": int(g_val.unseen.sum())},
-                "target_unseen_as_edible": opts.max_unseen_edible,
-                "target_poisonous_as_edible": opts.max_poison_edible,
-                "edible_confidence_floor": opts.min_edible_confidence,
-                "grid": {"edible_min_confidence": len(set(r[0] for r in table)),
-                         "ood_max_score": len(set(r[1] for r in table)),
-                         "poisonous_max_mass": sorted(set(r[5] for r in table))},
-                "raw": {"edible_min_confidence": raw.edible_min_confidence, "ood_max_score": raw.ood_max_score,
-                        "poisonous_max_mass": raw.poisonous_max_mass, "val": raw_fig},
-                "margins": {"confidence_margin": th_final.confidence_margin, "ood_margin": th_final.ood_margin,
-                            "mass_margin": th_final.mass_margin,
-                            "why": opts.margins_why},
-                "expected_at_effective": {"val": eff_fig},
-            }
-            if held is not None:
-                calibration["method"] += ("; the leave-one-species-out folds' photos (each poisonous species "
-                                          "measured by a fit without it) are more unseen species: all of them "
-                                          "answered EDIBLE <= target_all and each fold <= target_per_fold")
-                calibration["leave_one_species_out"] = held_evidence(
-                    probs_val, oods_val, labels, bundle.classes, g_val, Thresholds(**thresholds), opts, held, th_final)
-            if nt:
-                kinds_t = np.array([roles[labels[i]] for i in y_test])
-                g_t = ow.Groups(kinds_t == "edible", kinds_t == "poisonous", kinds_t == "other")
-                t_mask = ow.edible_mask(probs_test, oods_test, edible_labels, th_final)
-                calibration["expected_at_effective"]["test"] = ow.figures(
-                    t_mask, g_t, [manifest.species(r) for r in test_recs])
+            th_final, calibration, raw, table, edible_labels, g_val = choose_open_world(
+                probs_val, oods_val, y_val, probs_test, oods_test, y_test, manifest, val_recs, test_recs, labels, roles,
+                bundle.classes, thresholds, opts, held, notes)
             thresholds = {k: v for k, v in th_final.__dict__.items()}
             _open_world_evidence(work, manifest, labels, roles, edible_labels, probs_val, oods_val, lg_val, emb_val,
                                  emb_train, known_tr, scorer, g_val, table, raw, th_final, probs_test, oods_test,
@@ -963,3 +978,125 @@ def replace_th(th, margin: float):
     from dataclasses import replace
 
     return replace(th, confidence_margin=margin, ood_margin=margin, mass_margin=margin)
+
+
+# Card figures that depend on the thresholds and that recalibrate cannot measure again itself (evaluate
+# --record and evaluate --arch aarch64 --record write them for the new thresholds).
+STALE_AFTER_RECALIBRATION = ("test", "test_aarch64")
+
+
+def recalibrate(bundle_path: Path, work: Path, opts: ExportOptions) -> dict:
+    """Choose an existing bundle's thresholds again, with export's open-world search, without its Keras model.
+
+    The operating point is a property of the evidence, not only of the model: when new evidence arrives
+    (leave-one-species-out folds, `opts.loso`) the shipped model should not need a refit to use it, and a
+    refit is not reproducible across machines. Val and test photos go through the bundle itself
+    (device.classifier). WORK must be the split the bundle was trained and calibrated on (same labels,
+    split sizes and val species). The cross-architecture margins stay the card's own (they are measured
+    properties of the CPUs, not of this search). Samples are chosen again (their recorded verdicts depend
+    on the thresholds). Written like export: a staged copy, validated, then swapped in; the old card's
+    calibration is kept under calibration.previous.
+    """
+    import json
+
+    from device.bundle import Thresholds, load_bundle, sha256_file, write_card
+    from device.classifier import Classifier
+
+    bundle_path, work = Path(bundle_path), Path(work)
+    b = load_bundle(bundle_path)
+    card = json.loads((bundle_path / "model.json").read_text(encoding="utf-8"))
+    manifest = Manifest.load(work)
+    labels = list(b.labels)
+    if manifest.labels != labels:
+        raise DataError(f"{work} has classes {manifest.labels}, {bundle_path} {labels}: not the split it was trained on")
+    sizes = {s: len(manifest.records(s)) for s in ("train", "val", "test")}
+    old_cal = card.get("calibration") or {}
+    trained = (card.get("training") or {}).get("images")
+    if (trained and {k: trained.get(k) for k in sizes} != sizes) or (
+            old_cal.get("unseen_species") and old_cal["unseen_species"] != manifest.other_species("val")):
+        raise DataError(f"{work} is not the split {bundle_path} was trained and calibrated on (split sizes "
+                        f"{sizes} vs {trained}, or other val species differ); recalibrate with that WORK dir")
+    roles = {lab: b.classes[lab].kind for lab in labels}
+    if OTHER not in roles or roles[OTHER] != "other" or not manifest.other_species("val"):
+        raise DataError(f"{bundle_path}: recalibrate needs an open-world bundle and split (prepare --other)")
+    th_now = b.thresholds
+    opts.confidence_margin, opts.ood_margin, opts.mass_margin = (
+        th_now.confidence_margin, th_now.ood_margin, th_now.mass_margin)
+    opts.margins_why = (old_cal.get("margins") or {}).get("why", opts.margins_why)
+    held = loso_folds = None
+    if opts.loso is not None:
+        from train.loso import load_held
+
+        held, loso_folds = load_held(Path(opts.loso), json.loads((work / "manifest.json").read_text()))
+        console.note(f"leave-one-species-out evidence: {len(held)} photos of {len(loso_folds)} held-out species")
+    classifier = Classifier(b, backend="cpu", threads=opts.threads)
+    val_recs, test_recs = manifest.records("val"), manifest.records("test")
+
+    def scores(recs, what):
+        probs, oods = [], []
+        for r in console.track(recs, what):
+            pr, ood = classifier.scores(manifest.abspath(r))
+            probs.append(pr)
+            oods.append(np.nan if ood is None else ood)
+        return np.array(probs), (np.array(oods) if card.get("ood") else None)
+
+    probs_val, oods_val = scores(val_recs, "val (device)")
+    probs_test, oods_test = scores(test_recs, "test (device)") if test_recs else (None, None)
+    y_val = np.array([manifest.label_index(r) for r in val_recs])
+    y_test = np.array([manifest.label_index(r) for r in test_recs], dtype=int)
+    base = {"edible_min_confidence": Thresholds().edible_min_confidence,
+            "poisonous_max_mass": Thresholds().poisonous_max_mass,
+            "poisonous_min_confidence": th_now.poisonous_min_confidence}
+    notes: list[str] = []
+    th_final, calibration, raw, _, _, _ = choose_open_world(
+        probs_val, oods_val, y_val, probs_test, oods_test, y_test, manifest, val_recs, test_recs, labels, roles,
+        b.classes, base, opts, held, notes)
+    calibration["quantization_images"] = old_cal.get("quantization_images")
+    calibration["previous"] = {k: old_cal.get(k) for k in ("method", "raw", "expected_at_effective")}
+    calibration["recalibrated"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    card["thresholds"] = dict(th_final.__dict__)
+    card["calibration"] = calibration
+    metrics = card.setdefault("metrics", {})
+    metrics["val"] = {**(metrics.get("val") or {}), **safety_figures(
+        verdicts_for(probs_val, oods_val, labels, b.classes, th_final), y_val, poisonous_mask(labels, manifest.classes))}
+    for k in STALE_AFTER_RECALIBRATION:
+        metrics.pop(k, None)
+    if "int8_gate" in metrics:
+        # Its top-1 agreement does not depend on the thresholds; its verdict figures were measured at the
+        # export's (needs the float model, which a bundle does not carry).
+        metrics["int8_gate"]["verdicts_measured_at"] = (old_cal.get("raw") or {}) | {"margins": old_cal.get("margins")}
+    if loso_folds is not None:
+        from train.loso import card_section
+
+        metrics["leave_one_species_out"] = card_section(loso_folds, {"method": (card.get("ood") or {}).get("method")})
+    out = bundle_path.absolute()
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        # The bytes load_bundle verified against the card, not the files again (they may have changed since).
+        for name in (f for f in card["files"] if not f.startswith("samples/")):
+            (stage / name).write_bytes(b.data[name])
+        card["files"] = {k: v for k, v in card["files"].items() if not k.startswith("samples/")}
+        card.pop("samples", None)
+        write_card(stage, card)
+        checker = Classifier(load_bundle(stage), backend="cpu", threads=opts.threads)
+        seed = int((card.get("training") or {}).get("seed") or 0)
+        k = max(1, sum(1 for s in b.card.get("samples", []) if s["label"] != OTHER) // max(1, len(labels) - 1))
+        k_other = sum(1 for s in b.card.get("samples", []) if s["label"] == OTHER)
+        samples, sample_notes = write_samples(stage, manifest, checker, k, seed, k_other)
+        notes += sample_notes
+        card["samples"] = samples
+        for s_ in samples:
+            card["files"][s_["file"]] = sha256_file(stage / s_["file"])
+        write_card(stage, card)
+        load_bundle(stage)
+        os.chmod(stage, 0o777 & ~_umask())
+        if (out / "model.json.sig").exists():
+            notes.append(f"{out / 'model.json.sig'} no longer matches the new card and was left out: sign the bundle again")
+        install(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    for w in notes:
+        console.warn(w)
+    return {"thresholds": card["thresholds"], "calibration": calibration, "raw": raw.__dict__,
+            "stale": list(STALE_AFTER_RECALIBRATION)}
