@@ -522,12 +522,19 @@ def test_loso_holds_out_known_poisonous_species_never_the_other_pool(open_world,
     assert out.exit_code == 1 and "the other pool, not a species" in error_line(out)
 
 
-def test_export_with_loso_folds_calibrates_on_them_and_records_both_figures(open_world, tmp_path):
-    manifest = json.loads((open_world["work"] / "manifest.json").read_text())
-    loso = tmp_path / "loso"
+@pytest.fixture(scope="module")
+def open_world_loso(open_world, tmp_path_factory):
+    """Leave-one-species-out folds (every known poisonous species) of the open-world split, tiny fits."""
+    loso = tmp_path_factory.mktemp("owl") / "loso"
     run = invoke("loso", open_world["work"], "--out", loso, "--weights", "none", "--size", "32", "--epochs", "1",
                  "--fine-tune-epochs", "0", "--feature-copies", "1", "--calibration", "8")
     assert run.exit_code == 0, run.output
+    return loso
+
+
+def test_export_with_loso_folds_calibrates_on_them_and_records_both_figures(open_world, open_world_loso, tmp_path):
+    manifest = json.loads((open_world["work"] / "manifest.json").read_text())
+    loso = open_world_loso
     poisonous = sorted(c for c, v in manifest["classes"].items() if v["edibility"] == "poisonous" and v.get("role") != "other")
     assert sorted(p.name for p in loso.glob("without-*")) == [f"without-{c}" for c in poisonous]
     bundle = tmp_path / "b"
@@ -552,3 +559,42 @@ def test_export_with_loso_folds_calibrates_on_them_and_records_both_figures(open
     (other / "manifest.json").write_text(json.dumps(m2))
     bad = invoke("export", other, "--out", tmp_path / "b2", "--calibration", "16", *LAX_GATE, "--loso", loso, "--force")
     assert bad.exit_code == 1 and "different split" in error_line(bad) and not (tmp_path / "b2").exists()
+
+
+def test_recalibrate_reproduces_the_export_then_tightens_with_folds_keeping_the_model(open_world, open_world_loso,
+                                                                                      tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(open_world["bundle"], bundle)
+    before = json.loads((bundle / "model.json").read_text())
+    same = ["--max-unseen-edible", "1", "--max-poison-edible", "1", "--min-edible-confidence", "0.5"]
+    out = invoke("recalibrate", bundle, open_world["work"], *same)
+    assert out.exit_code == 0, out.output
+    again = json.loads((bundle / "model.json").read_text())
+    # The same evidence and targets through the bundle itself give export's thresholds back.
+    assert again["thresholds"] == before["thresholds"]
+    assert again["files"]["model.tflite"] == before["files"]["model.tflite"]
+    # With the folds and no held-out photo allowed EDIBLE: none is, the model and margins are the same,
+    # the earlier calibration is kept, and the figures measured at the old thresholds are gone.
+    out = invoke("recalibrate", bundle, open_world["work"], *same, "--loso", open_world_loso,
+                 "--max-held-edible", "0", "--max-held-fold-edible", "0")
+    assert out.exit_code == 0, out.output
+    assert "evaluate" in out.stdout and "--record" in out.stdout
+    card = load_bundle(bundle).card
+    lo = card["calibration"]["leave_one_species_out"]
+    assert lo["at_effective"]["all"]["count"] == 0 and lo["photos"] > 0
+    assert card["calibration"]["previous"]["raw"] == before["calibration"]["raw"]
+    assert card["thresholds"]["confidence_margin"] == before["thresholds"]["confidence_margin"]
+    assert card["files"]["model.tflite"] == before["files"]["model.tflite"]
+    assert "test" not in card["metrics"] and "leave_one_species_out" in card["metrics"]
+    for s in card["samples"]:  # samples chosen again: each still gives its recorded verdict
+        assert s["file"] in card["files"]
+    # Another split is refused in one line, and the bundle is left as it was.
+    other = tmp_path / "w2"
+    shutil.copytree(open_world["work"], other)
+    m2 = json.loads((other / "manifest.json").read_text())
+    m2["images"] = [im for im in m2["images"] if im["split"] != "test"][:-1] + [im for im in m2["images"] if im["split"] == "test"]
+    (other / "manifest.json").write_text(json.dumps(m2))
+    kept = (bundle / "model.json").read_bytes()
+    bad = invoke("recalibrate", bundle, other)
+    assert bad.exit_code == 1 and "not the split" in error_line(bad)
+    assert (bundle / "model.json").read_bytes() == kept
