@@ -288,3 +288,26 @@ def test_load_held_reads_the_folds_and_refuses_another_split_or_inconsistent_rec
         load_held(loso, m)
     with pytest.raises(DataError, match="no leave-one-species-out folds"):
         load_held(tmp_path / "empty", m)
+
+
+def test_calibration_ranks_points_by_the_coverage_the_device_will_have_after_the_margins():
+    # 10 edible photos at confidence 0.985 but unfamiliar-looking (ood 0.3), 6 at 0.95 and familiar (0.1),
+    # 20 unseen photos at 0.98 with ood 0.25 (non-edible mass 0.02: the smallest mass cap keeps them).
+    # No unseen photo may be EDIBLE. Two ways: confidence above 0.98 (raw coverage 10/16, but with the
+    # 0.02 margin the bar is above 1: none on the device), or ood at 0.1 (6/16 raw, and 6/16 with the
+    # margin). The device's coverage decides.
+    rows = ([([0.985, 0.0075, 0.0075], 0.3)] * 10 + [([0.95, 0.025, 0.025], 0.1)] * 6
+            + [([0.98, 0.01, 0.01], 0.25)] * 20)
+    probs, oods = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+    kinds = np.array(["edible"] * 16 + ["other"] * 20)
+    g = ow.Groups(kinds == "edible", kinds == "poisonous", kinds == "other")
+    base = Thresholds(0.9, 0.25, 0.5, None)
+    opts = ExportOptions(out=None, max_unseen_edible=0.0, max_poison_edible=0.0, min_edible_confidence=0.9,
+                         confidence_margin=0.02, ood_margin=0.0, mass_margin=0.0)
+    best, table, edible_labels = open_world_calibration(probs, oods, LABELS, CLASSES, g, base, opts)
+    assert best.ood_max_score == pytest.approx(0.1)
+    eff = Thresholds(**{**best.__dict__, "confidence_margin": 0.02})
+    assert (ow.edible_mask(probs, oods, edible_labels, eff) & g.edible).sum() == 6
+    # The raw-coverage winner is on the grid: ranked by raw coverage it would have been chosen.
+    raw_best = max((r for r in table if r[3] == 0.0 and r[4] == 0.0), key=lambda r: r[2])
+    assert raw_best[2] == pytest.approx(10 / 16) and raw_best[7] == 0.0

@@ -455,7 +455,8 @@ def open_world_calibration(probs, oods, labels, bundle_classes, g, base, opts: E
     # unknown-species score of its own (p(other) was the best single score on val species).
     mass_grid = sorted({base.poisonous_max_mass, *MASS_GRID})
     best, table = ow.search(probs, oods, edible_labels, g, base, conf_grid, ood_grid, opts.max_unseen_edible,
-                            opts.max_poison_edible, mass_grid, held, opts.max_held_edible, opts.max_held_fold_edible)
+                            opts.max_poison_edible, mass_grid, held, opts.max_held_edible, opts.max_held_fold_edible,
+                            (opts.confidence_margin, opts.ood_margin, opts.mass_margin))
     return best, table, edible_labels
 
 
@@ -542,7 +543,7 @@ def choose_open_world(probs_val, oods_val, y_val, probs_test, oods_test, y_test,
     calibration = {
         "method": ("open world: the loosest (edible_min_confidence, poisonous_max_mass, ood_max_score) "
                    "on a grid of observed val values with val unseen-species->EDIBLE <= target and known "
-                   "poisonous->EDIBLE <= target (margins 0; most val edible coverage, ties to the "
+                   "poisonous->EDIBLE <= target (margins 0; most val edible coverage at the effective thresholds, ties to the "
                    "stricter); then the cross-architecture margins are added"),
         "split": "val",
         "unseen_species": manifest.other_species("val"),
@@ -567,6 +568,12 @@ def choose_open_world(probs_val, oods_val, y_val, probs_test, oods_test, y_test,
                                   "answered EDIBLE <= target_all and each fold <= target_per_fold")
         calibration["leave_one_species_out"] = held_evidence(
             probs_val, oods_val, labels, bundle_classes, g_val, Thresholds(**thresholds), opts, held, th_final)
+        # What each share of held-out species answered EDIBLE costs in val coverage (raw thresholds, the
+        # val targets met): the curve that says how far this model is from the per-species target.
+        calibration["leave_one_species_out"]["frontier"] = [
+            {"edible_min_confidence": r[0], "ood_max_score": r[1], "poisonous_max_mass": r[5],
+             "val_edible_coverage": round(r[2], 5), "held_as_edible": round(r[3], 5)}
+            for r in ow.held_frontier(table, opts.max_unseen_edible, opts.max_poison_edible)]
     if len(test_recs):
         kinds_t = np.array([roles[labels[i]] for i in y_test])
         g_t = ow.Groups(kinds_t == "edible", kinds_t == "poisonous", kinds_t == "other")
@@ -721,6 +728,7 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
                 probs_val, oods_val, y_val, probs_test, oods_test, y_test, manifest, val_recs, test_recs, labels, roles,
                 bundle.classes, thresholds, opts, held, notes)
             thresholds = {k: v for k, v in th_final.__dict__.items()}
+            write_loso_curve(work, calibration)
             _open_world_evidence(work, manifest, labels, roles, edible_labels, probs_val, oods_val, lg_val, emb_val,
                                  emb_train, known_tr, scorer, g_val, table, raw, th_final, probs_test, oods_test,
                                  y_test, opts)
@@ -980,6 +988,28 @@ def replace_th(th, margin: float):
     return replace(th, confidence_margin=margin, ood_margin=margin, mass_margin=margin)
 
 
+def write_loso_curve(work: Path, calibration: dict) -> Path | None:
+    """WORK/openworld/loso_risk_coverage.{csv,png}: val coverage against the share of held-out species
+    answered EDIBLE (the frontier in calibration.leave_one_species_out), the chosen raw point marked."""
+    from train import openworld as ow
+
+    lo = calibration.get("leave_one_species_out")
+    if not lo or not lo.get("frontier"):
+        return None
+    rows = [(f["edible_min_confidence"], f["ood_max_score"], f["val_edible_coverage"], f["held_as_edible"], 0.0,
+             f["poisonous_max_mass"]) for f in lo["frontier"]]
+    folder = Path(work) / "openworld"
+    folder.mkdir(parents=True, exist_ok=True)
+    raw_cov = calibration["raw"]["val"]["edible_coverage"]["rate"]
+    png = folder / "loso_risk_coverage.png"
+    ow.write_curve({"leave-one-species-out folds (val targets met)": rows}, folder / "loso_risk_coverage.csv", png,
+                   "held-out poisonous species answered EDIBLE vs val coverage (raw thresholds)",
+                   {"chosen (raw)": (lo["at_raw"]["all"]["rate"], raw_cov)},
+                   xmax=max(6.0, 100 * max(r[3] for r in rows) * 1.05),
+                   xlabel="held-out poisonous species answered EDIBLE (%)")
+    return png
+
+
 # Card figures that depend on the thresholds and that recalibrate cannot measure again itself (evaluate
 # --record and evaluate --arch aarch64 --record write them for the new thresholds).
 STALE_AFTER_RECALIBRATION = ("test", "test_aarch64")
@@ -1053,6 +1083,9 @@ def recalibrate(bundle_path: Path, work: Path, opts: ExportOptions) -> dict:
         b.classes, base, opts, held, notes)
     calibration["quantization_images"] = old_cal.get("quantization_images")
     calibration["previous"] = {k: old_cal.get(k) for k in ("method", "raw", "expected_at_effective")}
+    curve = write_loso_curve(work, calibration)
+    if curve:
+        console.note(f"leave-one-species-out risk-coverage curve: {curve}")
     calibration["recalibrated"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     card["thresholds"] = dict(th_final.__dict__)
     card["calibration"] = calibration

@@ -164,13 +164,18 @@ def held_within(mask: np.ndarray, h: Held, max_all: float, max_fold: float) -> b
 
 def search(probs, oods, edible_labels, g: Groups, base, conf_grid, ood_grid, max_unseen: float,
            max_poisonous: float, mass_grid=None, held: Held | None = None, max_held: float = 1.0,
-           max_held_fold: float = 1.0):
+           max_held_fold: float = 1.0, margins: tuple[float, float, float] | None = None):
     """The loosest (edible_min_confidence, ood_max_score[, poisonous_max_mass]) on a grid: most edible
     coverage such that the unseen->EDIBLE and poisonous->EDIBLE rates stay at or under their targets,
     and (with `held`: leave-one-species-out photos) the held-out species answered EDIBLE stay at or under
     max_held overall and max_held_fold in each fold.
+    With `margins` (confidence, ood, mass: what the device adds on top of the point), "most coverage"
+    means most coverage at the effective thresholds, the coverage the device will have; the targets are
+    still met at the raw point (margins 0), so the margins only ever add safety. Without it, a raw point
+    at confidence 0.997 wins and a 0.02 margin then puts the device's bar above 1 (seen: no EDIBLE at all).
     Ties go to the stricter point (higher confidence, lower mass cap, lower ood). Returns (Thresholds or
-    None, table of every point: (conf, ood, coverage, unseen, poisonous, mass, held or None))."""
+    None, table of every point: (conf, ood, coverage, unseen, poisonous, mass, held or None, effective
+    coverage or None))."""
     from dataclasses import replace
 
     best, best_key, table = None, None, []
@@ -185,11 +190,17 @@ def search(probs, oods, edible_labels, g: Groups, base, conf_grid, ood_grid, max
                 u = (m & g.unseen).sum() / n_u if n_u else 0.0
                 pz = (m & g.poisonous).sum() / n_p if n_p else 0.0
                 hm = held_mask(held, th) if held is not None and len(held) else None
+                ok = u <= max_unseen and pz <= max_poisonous and (
+                    hm is None or held_within(hm, held, max_held, max_held_fold))
+                cov_eff = None
+                if margins is not None:
+                    eff = replace(th, confidence_margin=margins[0], ood_margin=margins[1] if o is not None else 0.0,
+                                  mass_margin=margins[2])
+                    cov_eff = float((edible_mask(probs, oods, edible_labels, eff) & g.edible).sum() / n_e)
                 table.append((float(c), None if o is None else float(o), float(cov), float(u), float(pz), float(mcap),
-                              None if hm is None else float(hm.mean())))
-                if u <= max_unseen and pz <= max_poisonous and (
-                        hm is None or held_within(hm, held, max_held, max_held_fold)):
-                    key = (cov, c, -mcap, -(o if o is not None else 0.0))
+                              None if hm is None else float(hm.mean()), cov_eff))
+                if ok:
+                    key = (cov if cov_eff is None else cov_eff, cov, c, -mcap, -(o if o is not None else 0.0))
                     if best_key is None or key > best_key:
                         best, best_key = th, key
     return best, table
@@ -206,8 +217,18 @@ def frontier(table: list[tuple]) -> list[tuple]:
     return out
 
 
+def held_frontier(table: list[tuple], max_unseen: float, max_poisonous: float) -> list[tuple]:
+    """Leave-one-species-out risk-coverage frontier of a search table: among the points that meet the val
+    unseen and poisonous targets, the best val coverage for each share of held-out photos answered
+    EDIBLE. Rows as frontier's, with the held-out rate in the unseen column."""
+    rows = [(r[0], r[1], r[2], r[6], r[4], r[5]) for r in table
+            if len(r) > 6 and r[6] is not None and r[3] <= max_unseen and r[4] <= max_poisonous]
+    return frontier(rows)
+
+
 def write_curve(curves: dict[str, list[tuple]], csv_path: Path, png_path: Path, title: str,
-                marks: dict[str, tuple[float, float]] | None = None) -> None:
+                marks: dict[str, tuple[float, float]] | None = None, xmax: float = 6.0,
+                xlabel: str = "unseen species answered EDIBLE (%)") -> None:
     """Risk-coverage curves (x: unseen->EDIBLE, y: edible coverage) as CSV and PNG."""
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,9 +254,9 @@ def write_curve(curves: dict[str, list[tuple]], csv_path: Path, png_path: Path, 
         ax.plot([x * 100], [y * 100], "o", ms=7, label=name)
     ax.axvline(2.0, color="red", ls=":", lw=1, label="target unseen->EDIBLE 2%")
     ax.axhline(75.0, color="green", ls=":", lw=1, label="target coverage 75%")
-    ax.set_xlim(0, 6)  # the region that matters: the target is 2%
+    ax.set_xlim(0, xmax)  # the region that matters: the target is 2%
     ax.set_ylim(0, 100)
-    ax.set_xlabel("unseen species answered EDIBLE (%)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("known edible answered EDIBLE (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
