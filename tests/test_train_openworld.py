@@ -174,13 +174,18 @@ def _bolete_fold() -> tuple[np.ndarray, np.ndarray]:
     return np.ones(20, bool), 0.205 + 0.004 * np.arange(20)
 
 
-def test_held_out_folds_make_the_calibration_stricter_per_fold():
+def _with_folds(max_held: float, max_held_fold: float):
+    """_table() plus two folds: the bolete look-alikes and 180 photos of a species never taken for edible."""
     probs, oods, g = _table()
-    base = Thresholds(0.9, 0.25, 0.5, None)
     held = _held({"bolete": _bolete_fold(), "morel": (np.zeros(180, bool), np.full(180, 0.1))})
-    # Val alone (target 2%) chooses ood <= 0.30 (coverage 11/20), where all 20 bolete photos are EDIBLE.
     opts = ExportOptions(out=None, max_unseen_edible=0.02, max_poison_edible=0.0, min_edible_confidence=0.8,
-                         max_held_edible=0.10, max_held_fold_edible=1.0)
+                         max_held_edible=max_held, max_held_fold_edible=max_held_fold)
+    return probs, oods, g, Thresholds(0.9, 0.25, 0.5, None), held, opts
+
+
+def test_held_out_folds_make_the_calibration_stricter_per_fold():
+    # Val alone (target 2%) chooses ood <= 0.30 (coverage 11/20), where all 20 bolete photos are EDIBLE.
+    probs, oods, g, base, held, opts = _with_folds(0.10, 1.0)
     loose, _, _ = open_world_calibration(probs, oods, LABELS, CLASSES, g, base, opts, held)
     assert loose.ood_max_score == pytest.approx(0.30) and ow.held_mask(held, loose).sum() == 20  # 20/200 = 10%
     # Each fold <= 5% (1 of 20): the bolete fold binds, ood moves to the val value 0.20 under its first
@@ -214,11 +219,7 @@ def test_held_mask_is_edible_mask_on_per_photo_figures():
 def test_held_evidence_measures_each_fold_at_thresholds_calibrated_without_it():
     from train.export import held_evidence
 
-    probs, oods, g = _table()
-    base = Thresholds(0.9, 0.25, 0.5, None)
-    held = _held({"bolete": _bolete_fold(), "morel": (np.zeros(180, bool), np.full(180, 0.1))})
-    opts = ExportOptions(out=None, max_unseen_edible=0.02, max_poison_edible=0.0, min_edible_confidence=0.8,
-                         max_held_edible=0.01, max_held_fold_edible=0.05)
+    probs, oods, g, base, held, opts = _with_folds(0.01, 0.05)
     best, _, _ = open_world_calibration(probs, oods, LABELS, CLASSES, g, base, opts, held)
     ev = held_evidence(probs, oods, LABELS, CLASSES, g, base, opts, held, best)
     assert ev["at_effective"]["all"]["count"] == 0 and ev["at_effective"]["folds"]["bolete"]["n"] == 20
