@@ -369,6 +369,23 @@ def _umask() -> int:
     return mask
 
 
+def finish_with_samples(stage: Path, out: Path, card: dict, manifest: Manifest, checker, k: int, seed: int,
+                        k_other: int) -> list[str]:
+    """Samples into the staged bundle (each file in `files` with its sha256), validate, swap into `out`."""
+    from device.bundle import load_bundle, sha256_file, write_card
+
+    samples, notes = write_samples(stage, manifest, checker, k, seed, k_other)
+    card["samples"] = samples
+    # Every file the device reads is listed with its sha256, the samples too.
+    for s in samples:
+        card["files"][s["file"]] = sha256_file(stage / s["file"])
+    write_card(stage, card)
+    load_bundle(stage)  # the complete bundle validates before it replaces anything
+    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp made it private; a bundle is an ordinary folder
+    install(stage, out)
+    return notes
+
+
 def _sample_records(records: list[ImageRecord], n: int, seed: int) -> list[ImageRecord]:
     if n >= len(records):
         return list(records)
@@ -477,7 +494,7 @@ def held_evidence(probs, oods, labels, bundle_classes, g, base, opts: ExportOpti
     for f in out["folds"]:
         rest = held.without(f)
         best, _, _ = open_world_calibration(probs, oods, labels, bundle_classes, g, base, opts, rest)
-        one = ow.Held(*(getattr(held, a)[held.fold == f] for a in ("fold", "top_edible", "conf", "mass", "ood")))
+        one = held.only(f)
         if best is None:
             lofo.append({"held_out": f, "thresholds": None})
             continue
@@ -494,6 +511,16 @@ def held_evidence(probs, oods, labels, bundle_classes, g, base, opts: ExportOpti
     out["leave_one_fold_out"] = {"folds": lofo, "all": ow.rate(k, n)}
     return out
 
+def _load_folds(loso: Path, work: Path):
+    """train.loso.load_held on WORK's manifest, and a line saying what was found."""
+    import json
+
+    from train.loso import load_held
+
+    held, folds = load_held(Path(loso), json.loads((Path(work) / "manifest.json").read_text()))
+    console.note(f"leave-one-species-out evidence: {len(held)} photos of {len(folds)} held-out species "
+                 f"({', '.join(f['held_out'] for f in folds)})")
+    return held, folds
 
 
 def choose_open_world(probs_val, oods_val, y_val, probs_test, oods_test, y_test, manifest: Manifest, val_recs, test_recs,
@@ -582,6 +609,7 @@ def choose_open_world(probs_val, oods_val, y_val, probs_test, oods_test, y_test,
             t_mask, g_t, [manifest.species(r) for r in test_recs])
     return th_final, calibration, raw, table, edible_labels, g_val
 
+
 def export(work: Path, opts: ExportOptions) -> ExportResult:
     """Convert, gate, calibrate and write the bundle to opts.out (see the module docstring)."""
     from device.bundle import Thresholds, load_bundle, sha256_file, write_card
@@ -615,13 +643,7 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
     if opts.loso is not None:
         if not open_world:
             raise DataError("--loso needs an open-world manifest (prepare --other): the folds add to its unseen species")
-        import json as _j
-
-        from train.loso import load_held
-
-        held, loso_folds = load_held(Path(opts.loso), _j.loads((work / "manifest.json").read_text()))
-        console.note(f"leave-one-species-out evidence: {len(held)} photos of {len(loso_folds)} held-out species "
-                     f"({', '.join(f['held_out'] for f in loso_folds)})")
+        held, loso_folds = _load_folds(opts.loso, work)
 
     from train._tf import import_keras
 
@@ -821,17 +843,8 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
         write_card(stage, card)
         bundle = load_bundle(stage)
         checker = Classifier(bundle, backend="cpu", threads=opts.threads)
-        samples, sample_notes = write_samples(stage, manifest, checker, opts.samples, seed,
-                                              opts.other_samples if other_index is not None else 0)
-        notes += sample_notes
-        card["samples"] = samples
-        # Every file the device reads is listed with its sha256, the samples too.
-        for s in samples:
-            card["files"][s["file"]] = sha256_file(stage / s["file"])
-        write_card(stage, card)
-        load_bundle(stage)  # the complete bundle validates before it replaces anything
-        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp made it private; a bundle is an ordinary folder
-        install(stage, out)
+        notes += finish_with_samples(stage, out, card, manifest, checker, opts.samples, seed,
+                                     opts.other_samples if other_index is not None else 0)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -1029,7 +1042,7 @@ def recalibrate(bundle_path: Path, work: Path, opts: ExportOptions) -> dict:
     """
     import json
 
-    from device.bundle import Thresholds, load_bundle, sha256_file, write_card
+    from device.bundle import Thresholds, load_bundle, write_card
     from device.classifier import Classifier
 
     bundle_path, work = Path(bundle_path), Path(work)
@@ -1055,10 +1068,7 @@ def recalibrate(bundle_path: Path, work: Path, opts: ExportOptions) -> dict:
     opts.margins_why = (old_cal.get("margins") or {}).get("why", opts.margins_why)
     held = loso_folds = None
     if opts.loso is not None:
-        from train.loso import load_held
-
-        held, loso_folds = load_held(Path(opts.loso), json.loads((work / "manifest.json").read_text()))
-        console.note(f"leave-one-species-out evidence: {len(held)} photos of {len(loso_folds)} held-out species")
+        held, loso_folds = _load_folds(opts.loso, work)
     classifier = Classifier(b, backend="cpu", threads=opts.threads)
     val_recs, test_recs = manifest.records("val"), manifest.records("test")
 
@@ -1115,17 +1125,9 @@ def recalibrate(bundle_path: Path, work: Path, opts: ExportOptions) -> dict:
         seed = int((card.get("training") or {}).get("seed") or 0)
         k = max(1, sum(1 for s in b.card.get("samples", []) if s["label"] != OTHER) // max(1, len(labels) - 1))
         k_other = sum(1 for s in b.card.get("samples", []) if s["label"] == OTHER)
-        samples, sample_notes = write_samples(stage, manifest, checker, k, seed, k_other)
-        notes += sample_notes
-        card["samples"] = samples
-        for s_ in samples:
-            card["files"][s_["file"]] = sha256_file(stage / s_["file"])
-        write_card(stage, card)
-        load_bundle(stage)
-        os.chmod(stage, 0o777 & ~_umask())
         if (out / "model.json.sig").exists():
             notes.append(f"{out / 'model.json.sig'} no longer matches the new card and was left out: sign the bundle again")
-        install(stage, out)
+        notes += finish_with_samples(stage, out, card, manifest, checker, k, seed, k_other)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

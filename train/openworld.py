@@ -132,9 +132,14 @@ class Held:
     def __len__(self) -> int:
         return len(self.fold)
 
-    def without(self, fold: str) -> "Held":
-        keep = self.fold != fold
+    def _rows(self, keep: np.ndarray) -> "Held":
         return Held(self.fold[keep], self.top_edible[keep], self.conf[keep], self.mass[keep], self.ood[keep])
+
+    def without(self, fold: str) -> "Held":
+        return self._rows(self.fold != fold)
+
+    def only(self, fold: str) -> "Held":
+        return self._rows(self.fold == fold)
 
 
 def held_mask(h: Held, th) -> np.ndarray:
