@@ -511,6 +511,7 @@ def held_evidence(probs, oods, labels, bundle_classes, g, base, opts: ExportOpti
     out["leave_one_fold_out"] = {"folds": lofo, "all": ow.rate(k, n)}
     return out
 
+
 def _load_folds(loso: Path, work: Path):
     """train.loso.load_held on WORK's manifest, and a line saying what was found."""
     import json
