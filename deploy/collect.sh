@@ -383,6 +383,11 @@ main() {
 	parse_args "$@"
 	command -v ssh >/dev/null || die "ssh not found (install openssh-client)"
 	mkdir -p -- "$OUT" || die "cannot create $OUT"
+	# Two runs into one DIR would both copy a press into the same incoming folder and one could prune
+	# what the other is still verifying: one collect.sh per DIR (the lock goes when this process does).
+	command -v flock >/dev/null || die "flock not found (install util-linux)"
+	exec {LOCK_FD}>>"$OUT/.collect.lock" || die "cannot write $OUT/.collect.lock"
+	flock -n "$LOCK_FD" || die "another collect.sh is writing to $OUT: wait for it to finish, or use another --out"
 	start_work collect
 	run_jobs
 

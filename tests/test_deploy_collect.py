@@ -3,6 +3,7 @@ collect -> mushcam-train import-captures -> mushcam-train prepare end to end."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import subprocess
@@ -170,6 +171,22 @@ def test_a_failing_host_fails_the_run_not_the_others(sshd, fleet, tmp_path):
     assert "FAILED" in dev4_row and "1 press(es) not copied completely" in dev4_row
     assert "evil rsync" in result.stderr and "\x1b" not in result.stdout + result.stderr and "\x07" not in result.stderr
     assert not any(p.name != ".incoming" for p in (tmp_path / "field" / "dev4").iterdir())
+
+
+def test_a_second_run_into_the_same_folder_is_refused(sshd, fleet, tmp_path):
+    """Two runs into one --out would race over its .incoming folders: the second stops before copying."""
+    caps, inventory = fleet
+    out = tmp_path / "field"
+    out.mkdir()
+    # Another collect.sh holding the lock (flock(2), as flock(1) takes it).
+    with open(out / ".collect.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        busy = collect(sshd, "--inventory", str(inventory), "--out", str(out))
+    assert busy.returncode == 2
+    assert "another collect.sh is writing to" in busy.stderr
+    assert not (out / "dev1").exists() and not (out / "dev2").exists()
+    done = collect(sshd, "--inventory", str(inventory), "--out", str(out))
+    assert done.returncode == 0 and row(done, "dev1")[1:3] == ["ok", "2"]
 
 
 @pytest.mark.parametrize(
