@@ -300,6 +300,15 @@ class ReleaseStore:
                 check(bundle)
             dest = self.releases / name
             if name == self.current():
+                running = load_bundle(dest, check_sha=True)
+                if running.card_sha256 != bundle.card_sha256:
+                    # Same version and model file, another card (e.g. thresholds chosen again by
+                    # `mushcam-train recalibrate`): serving either silently would be wrong, and the
+                    # running copy is never replaced under the daemon. Say what to do instead.
+                    raise ReleaseError(
+                        f"{src}: release {name} is current on this device with another model.json (same "
+                        "version and model file, other card); give the new bundle a new version (the "
+                        "card's `version`) and push it again")
                 shutil.rmtree(tmp)
                 return name, self.verify(dest, policy)
             if dest.exists() or dest.is_symlink():

@@ -126,6 +126,15 @@ def test_activate_switches_current_atomically_and_relatively(store, tiny_bundle,
     inode = (store.releases / b / "model.tflite").stat().st_ino
     assert store.install(tmp_path / "b")[0] == b
     assert (store.releases / b / "model.tflite").stat().st_ino == inode
+    # The same name with another card (thresholds chosen again, version not bumped) is refused in one
+    # line that says what to do, and the running copy is still untouched.
+    stricter = derive_bundle(tmp_path / "b", tmp_path / "b2", edit=lambda c: c["thresholds"].update(
+        edible_min_confidence=0.99))
+    with pytest.raises(ReleaseError, match="is current on this device with another model.json.*new version"):
+        store.install(stricter)
+    assert (store.releases / b / "model.tflite").stat().st_ino == inode
+    assert load_bundle(store.releases / b).thresholds.edible_min_confidence != 0.99
+    assert not [p for p in store.releases.iterdir() if p.name.startswith(".tmp")]
 
 
 def test_current_that_is_not_a_link_is_refused(store):

@@ -573,6 +573,10 @@ def test_recalibrate_reproduces_the_export_then_tightens_with_folds_keeping_the_
     # The same evidence and targets through the bundle itself give export's thresholds back.
     assert again["thresholds"] == before["thresholds"]
     assert again["files"]["model.tflite"] == before["files"]["model.tflite"]
+    # ... under a new version (a device names a release by version and model file: the same name for
+    # two cards would leave the fleet unable to tell them apart), the old one recorded.
+    assert again["version"] != before["version"] and again["calibration"]["previous"]["version"] == before["version"]
+    assert f"(was {before['version']})" in out.stdout
     # With the folds and no held-out photo allowed EDIBLE: none is, the model and margins are the same,
     # the earlier calibration is kept, and the figures measured at the old thresholds are gone.
     out = invoke("recalibrate", bundle, open_world["work"], *same, "--loso", open_world_loso,
@@ -597,4 +601,7 @@ def test_recalibrate_reproduces_the_export_then_tightens_with_folds_keeping_the_
     kept = (bundle / "model.json").read_bytes()
     bad = invoke("recalibrate", bundle, other)
     assert bad.exit_code == 1 and "not the split" in error_line(bad)
+    assert (bundle / "model.json").read_bytes() == kept
+    same_version = invoke("recalibrate", bundle, open_world["work"], *same, "--version", card["version"])
+    assert same_version.exit_code == 1 and "needs a new one" in error_line(same_version)
     assert (bundle / "model.json").read_bytes() == kept

@@ -437,6 +437,7 @@ def recalibrate(
     max_held_edible: Annotated[float, typer.Option(min=0, max=1, help="With --loso: target share of all held-out photos answered EDIBLE.")] = 0.01,
     max_held_fold_edible: Annotated[float, typer.Option(min=0, max=1, help="With --loso: target share of each held-out species answered EDIBLE.")] = 0.05,
     min_edible_confidence: Annotated[float, typer.Option(help="Floor of the calibrated edible_min_confidence.")] = 0.9,
+    version: Annotated[Optional[str], typer.Option(help="The new bundle version (default: UTC date and time; never the old one).")] = None,
 ) -> None:
     """Choose BUNDLE's thresholds again with export's search (no refit; the card's margins kept), e.g. with --loso folds."""
     from train.export import ExportOptions, recalibrate as run
@@ -445,8 +446,9 @@ def recalibrate(
         res = run(bundle, work, ExportOptions(out=bundle, max_unseen_edible=max_unseen_edible,
                                               max_poison_edible=max_poison_edible, min_edible_confidence=min_edible_confidence,
                                               loso=loso, max_held_edible=max_held_edible,
-                                              max_held_fold_edible=max_held_fold_edible))
+                                              max_held_fold_edible=max_held_fold_edible, version=version))
         th, cal = res["thresholds"], res["calibration"]
+        console.out.print(f"version {res['version']} (was {cal['previous']['version']})", markup=False)
         eff = cal["expected_at_effective"]["val"]
         console.out.print(
             f"thresholds {th['edible_min_confidence']:.4f} (+{th['confidence_margin']:g}) / mass "

@@ -1096,7 +1096,17 @@ def recalibrate(bundle_path: Path, work: Path, opts: ExportOptions) -> dict:
     curve = write_loso_curve(work, calibration)
     if curve:
         console.note(f"leave-one-species-out risk-coverage curve: {curve}")
-    calibration["recalibrated"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = datetime.now(timezone.utc)
+    calibration["recalibrated"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    # A new version: other thresholds are another release. With the old version (and the same model
+    # file) a device would name both cards alike, and flash.sh could not tell which one it serves.
+    calibration["previous"]["version"] = card.get("version")
+    old_version = calibration["previous"]["version"]
+    if opts.version == old_version:
+        raise DataError(f"--version {opts.version} is the bundle's own version; a recalibrated bundle needs a new one")
+    # Export's date-and-time version, with seconds when the bundle was made within the same minute.
+    card["version"] = opts.version or next(v for v in (now.strftime("%Y.%m.%d-%H%M"), now.strftime(
+        "%Y.%m.%d-%H%M%S"), f"{old_version}-1") if v != old_version)
     card["thresholds"] = dict(th_final.__dict__)
     card["calibration"] = calibration
     metrics = card.setdefault("metrics", {})
@@ -1134,4 +1144,4 @@ def recalibrate(bundle_path: Path, work: Path, opts: ExportOptions) -> dict:
     for w in notes:
         console.warn(w)
     return {"thresholds": card["thresholds"], "calibration": calibration, "raw": raw.__dict__,
-            "stale": list(STALE_AFTER_RECALIBRATION)}
+            "stale": list(STALE_AFTER_RECALIBRATION), "version": card["version"]}
