@@ -623,7 +623,9 @@ class Operations:
             self.store.releases.mkdir(mode=0o755, exist_ok=True)
             if not os.access(self.store.releases, os.W_OK):
                 raise ReleaseError(f"{self.store.releases} is not writable by {getpass.getuser()}")
-            need_copy = name != previous and not self.store.exists(name)
+            # A release of that name with another card (thresholds chosen again under the same version):
+            # copied again, so the pushed card is what gets checked and served, never the stale one.
+            need_copy = name != previous and not (self.store.exists(name) and self._same_card(name))
             say("READY", f"current={previous or ''}\tcopy={int(need_copy)}\trsync={int(shutil.which('rsync') is not None)}")
             while (command := read_go().strip()) == "clear":
                 # Before an scp (which would nest a copy inside an existing directory).
@@ -632,6 +634,9 @@ class Operations:
             if command != "go":
                 return "FAILED", "the copy did not complete; current untouched"
             if name == previous:
+                if not self._same_card(name):
+                    return "FAILED", (f"{name} is current with another model.json (same version and model file, "
+                                      "other card); give the bundle a new version and flash it again; current untouched")
                 return self._check_current(name)
             was = previous or "nothing"
             self.log("checking the copy and running the selftest")
@@ -658,6 +663,15 @@ class Operations:
             except (ReleaseError, OSError) as e:
                 self.log(f"warning: pruning old releases failed: {e}")
             return "ok", f"serving {now} (was {was})"
+
+    def _same_card(self, name: str) -> bool:
+        """Whether releases/NAME holds the card the workstation pushed (True when none was named)."""
+        if self.policy.card_sha256 is None:
+            return True
+        try:
+            return sha256_file(self.store.path(name) / CARD) == self.policy.card_sha256
+        except OSError:
+            return False
 
     def _check_current(self, name: str) -> tuple[str, str]:
         self.log(f"{name} is already current; checking it")

@@ -351,6 +351,14 @@ def test_receive_speaks_the_flash_protocol(device, tiny_bundle, tmp_path):
     assert refused.exit_code == 1 and "differs from the card that was pushed" in refused.output
     assert device.current() == name and f"{release_name(c)}.failed" in device.releases()
 
+    # The current release's name with another card (recalibrated, version not bumped): one line saying
+    # what to do, nothing marked failed, current untouched.
+    recal = derive_bundle(b, tmp_path / "b-recal", edit=lambda card: card["thresholds"].update(edible_min_confidence=0.99))
+    assert release_name(recal) == name
+    same_name = _receive(device, recal, "go\n")
+    assert same_name.exit_code == 1 and "give the bundle a new version" in same_name.output
+    assert device.current() == name and not [r for r in device.releases() if r.startswith(name) and r != name]
+
     # No `go` (the copy failed): nothing changes, the .partial stays to be resumed.
     shutil.copytree(c, device.models / "releases" / f"{release_name(c)}.partial")
     aborted = _receive(device, c, "abort\n")
