@@ -264,6 +264,39 @@ def test_species_split_never_puts_a_species_on_two_sides():
         assert all(r.split in dataset.SPLITS for r in recs)
 
 
+def test_genus_split_puts_one_species_of_every_larger_genus_in_train_and_never_splits_a_species():
+    rng = np.random.default_rng(1)
+    for trial in range(50):
+        genera = int(rng.integers(2, 30))
+        recs = [dataset.ImageRecord(f"g{g}_s{s}/{i}.jpg", "other", "0" * 64, "0" * 16, species=f"g{g}_s{s}")
+                for g in range(genera) for s in range(int(rng.integers(1, 6))) for i in range(int(rng.integers(1, 12)))]
+        dataset.split_species(recs, seed=trial, val=0.25, test=0.25, by="genus")
+        sides: dict[str, set] = {}
+        for r in recs:
+            sides.setdefault(r.species, set()).add(r.split)
+        assert all(len(v) == 1 for v in sides.values())
+        by_genus: dict[str, dict[str, str]] = {}
+        for sp, v in sides.items():
+            by_genus.setdefault(dataset.genus_of(sp), {})[sp] = next(iter(v))
+        for g, members in by_genus.items():
+            got = sorted(members.values())
+            if len(members) >= 2:
+                assert "train" in got and set(got) != {"train"}, (g, members)
+            if len(members) >= 3:
+                assert set(got) == {"train", "val", "test"}, (g, members)
+    # An unknown way of dealing species is refused, naming the valid ones.
+    with pytest.raises(DataError, match="species, genus"):
+        dataset.split_species(recs, seed=0, val=0.25, test=0.25, by="family")
+
+
+def test_prepare_records_the_other_split(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=3)
+    other = make_other_pool(tmp_path / "other", species=6)
+    m = dataset.prepare(data, tmp_path / "w", other_dir=other, other_split="genus")
+    assert m.other_split == "genus" and dataset.Manifest.load(tmp_path / "w").other_split == "genus"
+    assert dataset.Manifest.load(tmp_path / "w").to_dict()["other_split"] == "genus"
+
+
 def test_prepare_refuses_an_other_species_that_is_a_known_class(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=3)
     other = make_other_pool(tmp_path / "other", species=3)

@@ -98,6 +98,7 @@ class Manifest:
     other_dir: Path | None = None  # the other pool's root (its records' paths are relative to it)
     other_val: float = 0.0
     other_test: float = 0.0
+    other_split: str = "species"  # how the other pool's species were dealt (OTHER_SPLITS)
 
     def records(self, split: str | None = None) -> list[ImageRecord]:
         """Images of one split (or all), in manifest order."""
@@ -143,6 +144,7 @@ class Manifest:
             "dropped": self.dropped,
             "copies": self.copies,
             **({"other_dir": str(self.other_dir), "other_val": self.other_val, "other_test": self.other_test,
+                "other_split": self.other_split,
                 "other_species": {sp: self.other_species(sp) for sp in SPLITS}} if self.other_dir else {}),
         }
 
@@ -174,7 +176,7 @@ class Manifest:
             float(d.get("val", 0.15)), float(d.get("test", 0.15)), list(d.get("skipped", [])),
             list(d.get("dropped", [])), list(d.get("copies", [])), str(d.get("created", "")),
             Path(d["other_dir"]) if d.get("other_dir") else None, float(d.get("other_val", 0.0)),
-            float(d.get("other_test", 0.0)),
+            float(d.get("other_test", 0.0)), str(d.get("other_split", "species")),
         )
 
 
@@ -360,13 +362,14 @@ def split_groups(records: list[ImageRecord], labels: Sequence[str], seed: int, v
         _assign_splits(groups, np.random.default_rng([seed, zlib.crc32(label.encode())]), fractions)
 
 
-def _assign_splits(units: dict, rng, fractions: dict[str, float]) -> None:
+def _assign_splits(units: dict, rng, fractions: dict[str, float], have: dict | None = None,
+                   total: int | None = None) -> None:
     """Shuffle the units (groups or species, each a list of records) and give each whole unit the split
-    furthest below its target share of the records."""
+    furthest below its target share of the records (`have`/`total`: records already dealt elsewhere)."""
     order = sorted(units)
     rng.shuffle(order)
-    n = sum(len(u) for u in units.values())
-    have = {s: 0 for s in SPLITS}
+    n = total if total is not None else sum(len(u) for u in units.values())
+    have = have if have is not None else {s: 0 for s in SPLITS}
     for key in order:
         # Ties go to the rarer splits first so tiny classes still get a validation image.
         split = max(("val", "test", "train"), key=lambda s: fractions[s] * n - have[s] if fractions[s] > 0 else -1e9)
@@ -375,17 +378,63 @@ def _assign_splits(units: dict, rng, fractions: dict[str, float]) -> None:
         have[split] += len(units[key])
 
 
-def split_species(records: list[ImageRecord], seed: int, val: float, test: float) -> None:
+OTHER_SPLITS = ("species", "genus")
+
+
+def genus_of(species: str) -> str:
+    """The genus of an other-pool folder name (`rubroboletus_satanas` -> `rubroboletus`)."""
+    return species.split("_", 1)[0]
+
+
+def split_species(records: list[ImageRecord], seed: int, val: float, test: float, by: str = "species") -> None:
     """Assign each other-pool record's `split` by SPECIES: a species is wholly in train, val or test.
 
-    The species are shuffled (seeded) and each goes to the split furthest below its target share of the
-    pool's photos, so the splits get about the asked fraction of photos, not of species.
+    `species`: the species are shuffled (seeded) and each goes to the split furthest below its target share
+    of the pool's photos, so the splits get about the asked fraction of photos, not of species.
+    `genus`: the same, stratified by genus. In each genus with several species (shuffled), the first goes
+    to train, the next ones to val and test (the one further below its share first), then round again;
+    single-species genera then fill each split up to its share. So every genus with two or more species
+    is learnt as `other` from one of them, and its other species test the model on a relative it saw:
+    the look-alike a forager meets (seen: with a plain species split, every red-stemmed bolete but one
+    small species fell on the val and test side, and the scarletina fold took unseen red-stemmed boletes
+    for penny buns).
     """
+    if by not in OTHER_SPLITS:
+        raise DataError(f"other pool split {by!r}: use one of {', '.join(OTHER_SPLITS)}")
     fractions = {"train": 1.0 - val - test, "val": val, "test": test}
     by_species: dict[str, list[ImageRecord]] = {}
     for r in records:
         by_species.setdefault(r.species, []).append(r)
-    _assign_splits(by_species, np.random.default_rng([seed, zlib.crc32(OTHER.encode())]), fractions)
+    rng = np.random.default_rng([seed, zlib.crc32(OTHER.encode())])
+    if by == "species":
+        _assign_splits(by_species, rng, fractions)
+        return
+    genera: dict[str, list[str]] = {}
+    for sp in sorted(by_species):
+        genera.setdefault(genus_of(sp), []).append(sp)
+    n = sum(len(u) for u in by_species.values())
+    have = {s: 0 for s in SPLITS}
+    singles: dict[str, list[ImageRecord]] = {}
+    order = sorted(genera)
+    rng.shuffle(order)
+    for g in order:
+        members = list(genera[g])
+        if len(members) == 1:
+            singles[members[0]] = by_species[members[0]]
+            continue
+        rng.shuffle(members)
+        held: list[str] = []  # this round's val/test sides, the one further below its share first
+        for i, sp in enumerate(members):
+            if i % 3 == 0:
+                split = "train"
+                held = sorted((s for s in ("val", "test") if fractions[s] > 0),
+                              key=lambda s: fractions[s] * n - have[s], reverse=True)
+            else:
+                split = held[(i % 3 - 1) % len(held)] if held else "train"
+            for r in by_species[sp]:
+                r.split = split
+            have[split] += len(by_species[sp])
+    _assign_splits(singles, rng, fractions, have=have, total=n)
 
 
 def other_folders(other_dir: Path) -> list[str]:
@@ -395,7 +444,7 @@ def other_folders(other_dir: Path) -> list[str]:
 
 def prepare(
     data_dir: Path, work: Path, seed: int = 0, val: float = 0.15, test: float = 0.15, track: Track = _no_progress,
-    other_dir: Path | None = None, other_val: float = 0.25, other_test: float = 0.25,
+    other_dir: Path | None = None, other_val: float = 0.25, other_test: float = 0.25, other_split: str = "species",
 ) -> Manifest:
     """Scan DATA_DIR (and OTHER_DIR), group duplicates, split, and write WORK/manifest.json; return the manifest."""
     if not (0.0 <= val < 1.0 and 0.0 <= test < 1.0 and val + test < 1.0):
@@ -446,7 +495,7 @@ def prepare(
     if other_dir is not None:
         if not others:
             raise DataError(f"{other_dir}: no usable images in any species folder")
-        split_species(others, seed, other_val, other_test)
+        split_species(others, seed, other_val, other_test, other_split)
         kept += others
         labels = labels + [OTHER]
         # edibility "poisonous": an older device that knows no roles still never answers EDIBLE for it.
@@ -454,7 +503,7 @@ def prepare(
     manifest = Manifest(
         data_dir, labels, classes, kept, seed, val, test, skipped, dropped, copies,
         datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        other_dir, other_val if other_dir else 0.0, other_test if other_dir else 0.0,
+        other_dir, other_val if other_dir else 0.0, other_test if other_dir else 0.0, other_split,
     )
     manifest.save(work)
     return manifest
