@@ -312,3 +312,93 @@ def test_calibration_ranks_points_by_the_coverage_the_device_will_have_after_the
     # The raw-coverage winner is on the grid: ranked by raw coverage it would have been chosen.
     raw_best = max((r for r in table if r[3] == 0.0 and r[4] == 0.0), key=lambda r: r[2])
     assert raw_best[2] == pytest.approx(10 / 16) and raw_best[7] == 0.0
+
+
+def _sample_bundle(tiny_bundle, **th):
+    """The tiny bundle's labels and classes with other thresholds (what robust_sample and the sample
+    chooser read of a bundle)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from device.bundle import load_bundle
+
+    b = load_bundle(tiny_bundle)
+    return SimpleNamespace(thresholds=replace(b.thresholds, **th), labels=b.labels, classes=b.classes)
+
+
+def _result(bundle, probs, ood=0.0):
+    import numpy as np
+
+    from device.classifier import Result
+    from device.verdict import decide
+
+    return Result(decide(probs, bundle.labels, bundle.classes, bundle.thresholds, ood), np.array(probs), ood, 1.0, 1,
+                  tuple(bundle.labels))
+
+
+def test_a_nearly_certain_edible_photo_is_a_robust_sample_under_a_bar_near_one(tiny_bundle):
+    """The shipped bar (0.970 + margin 0.02) plus the flat 0.05 band passed 1.0, so no EDIBLE photo could be
+    a sample and the self-test never checked EDIBLE. Near certainty the band shrinks with 1 - p."""
+    from train.export import robust_sample
+
+    b = _sample_bundle(tiny_bundle, edible_min_confidence=0.97, confidence_margin=0.02, poisonous_max_mass=0.02,
+                       mass_margin=0.006)
+    sure = _result(b, [0.9996, 0.0002, 0.0002])
+    assert sure.verdict == "EDIBLE" and robust_sample(sure, b)
+    near = _result(b, [0.992, 0.004, 0.004])  # EDIBLE, but 2 x (1 - p) = 0.016 reaches past the bar
+    assert near.verdict == "EDIBLE" and not robust_sample(near, b)
+    below = _result(b, [0.985, 0.0075, 0.0075])  # UNSURE, and the bar moved down by 0.03 would make it EDIBLE
+    assert below.verdict == "UNSURE" and not robust_sample(below, b)
+    # A clearly poisonous photo keeps its verdict whatever the band.
+    assert robust_sample(_result(b, [0.001, 0.998, 0.001]), b)
+
+
+def test_an_edible_species_first_sample_is_edible_when_one_exists(tiny_bundle, tmp_path):
+    """Export's samples: the first of an edible species is EDIBLE when the bundle answers any robust photo
+    EDIBLE; the second is drawn from the rest; without such a photo the samples are drawn as before."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from train.dataset import ImageRecord, Manifest
+    from train.export import write_samples
+
+    b = _sample_bundle(tiny_bundle)
+    data = tmp_path / "data"
+    recs = []
+    for label, shades in (("red_cap", [40, 60, 80, 250]), ("green_cap", [40, 60]), ("blue_cap", [40, 60])):
+        (data / label).mkdir(parents=True)
+        for i, v in enumerate(shades):
+            Image.new("RGB", (64, 64), (v, v, v)).save(data / label / f"{i}.jpg", quality=95)
+            recs.append(ImageRecord(f"{label}/{i}.jpg", label, "0" * 64, "0" * 16, i, "test"))
+
+    class Fake:
+        """Stands in for the bundle's classifier: a bright photo is a sure red cap, a dark one is the
+        right species but not sure enough (UNSURE for the edible one)."""
+        bundle = b
+
+        def classify(self, path):
+            bright = np.asarray(Image.open(path)).mean() > 200
+            # data/<label>/N.jpg, or the sample written from it: samples/<label>_K.jpg
+            path = Path(path)
+            label = path.stem.rsplit("_", 1)[0] if path.parent.name == "samples" else path.parent.name
+            p = {"red_cap": [0.9999, 0.00005, 0.00005] if bright else [0.6, 0.2, 0.2],
+                 "green_cap": [0.01, 0.98, 0.01], "blue_cap": [0.01, 0.01, 0.98]}[label]
+            return _result(b, p)
+
+    m = Manifest(data, list(b.labels), {lab: {"edibility": b.classes[lab].kind} for lab in b.labels}, recs)
+    for seed in range(5):
+        stage = tmp_path / f"s{seed}"
+        stage.mkdir()
+        entries, _ = write_samples(stage, m, Fake(), 2, seed)
+        red = [e for e in entries if e["label"] == "red_cap"]
+        assert [e["verdict"] for e in red] == ["EDIBLE", "UNSURE"], (seed, red)
+        assert red[0]["source"].endswith("red_cap/3.jpg")
+    # No photo the bundle answers EDIBLE: the samples are drawn as before, UNSURE.
+    (data / "red_cap" / "3.jpg").unlink()
+    m.images = [r for r in recs if r.path != "red_cap/3.jpg"]
+    stage = tmp_path / "none"
+    stage.mkdir()
+    entries, _ = write_samples(stage, m, Fake(), 2, 0)
+    assert [e["verdict"] for e in entries if e["label"] == "red_cap"] == ["UNSURE", "UNSURE"]

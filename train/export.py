@@ -260,9 +260,15 @@ def calibrate_edible(probs, oods, y, labels, bundle_classes, base: dict, target:
 # to ~0.24 on ambiguous photos and the unknown-species score by ~0.02 (README, "Checked on the Pi's
 # architecture"), and the emulated Pi's self-test once failed on 2 of 14 samples picked without this
 # check. So a sample's top class must lead by SAMPLE_LEAD, and its verdict must stay the same with every
-# threshold moved by these bands either way.
+# threshold moved by these bands either way. Near certainty the softmax saturates: a logit shift of d
+# moves 1 - p to about (1 - p) e^d, so a photo at 0.999 cannot move by 0.05. The confidence and mass
+# bands are therefore at most SAMPLE_SATURATION x the photo's own distance from certainty (1 - top
+# probability; its unsafe mass), which covers a logit shift of ln(1 + 2) = 1.1 (the largest shift seen
+# between x86-64 and emulated aarch64 was about 0.7, on ambiguous photos). Without it no EDIBLE photo
+# could be a sample once the edible bar plus its band passed 1.0, and the self-test never checked EDIBLE.
 SAMPLE_LEAD = 0.3
 SAMPLE_BANDS = {"confidence": 0.05, "mass": 0.01, "ood": 0.03}
+SAMPLE_SATURATION = 2.0
 
 
 def robust_sample(result, bundle) -> bool:
@@ -275,12 +281,14 @@ def robust_sample(result, bundle) -> bool:
     if len(p) > 1 and p[0] - p[1] < SAMPLE_LEAD:
         return False
     th, b = bundle.thresholds, SAMPLE_BANDS
+    band_conf = min(b["confidence"], SAMPLE_SATURATION * (1.0 - float(p[0])))
+    band_mass = min(b["mass"], SAMPLE_SATURATION * float(result.decision.poisonous_mass))
     for sign in (-1.0, 1.0):
         moved = replace(
             th,
-            edible_min_confidence=th.edible_min_confidence + sign * b["confidence"],
-            poisonous_min_confidence=th.poisonous_min_confidence + sign * b["confidence"],
-            poisonous_max_mass=th.poisonous_max_mass - sign * b["mass"],
+            edible_min_confidence=th.edible_min_confidence + sign * band_conf,
+            poisonous_min_confidence=th.poisonous_min_confidence + sign * band_conf,
+            poisonous_max_mass=th.poisonous_max_mass - sign * band_mass,
             ood_max_score=None if th.ood_max_score is None else th.ood_max_score - sign * b["ood"],
         )
         if decide(result.probs, bundle.labels, bundle.classes, moved, result.ood_score).verdict.value != result.verdict:
@@ -293,7 +301,9 @@ def write_samples(stage: Path, manifest: Manifest, classifier, k: int, seed: int
     """K small JPEGs per known class that the new bundle classifies correctly (and `k_other` other-pool
     test photos it files under `other`, verdict UNSURE); returns (card entries, warnings).
 
-    Each entry records the verdict the bundle gives the sample: the device's self-test can check it."""
+    Each entry records the verdict the bundle gives the sample: the device's self-test can check it. The
+    first sample of an edible species is one the bundle answers EDIBLE when a robust one exists (the
+    others are drawn at random), so the self-test checks the EDIBLE path on the device's own CPU too."""
     from PIL import Image
 
     from device.preprocess import load_image
@@ -310,10 +320,20 @@ def write_samples(stage: Path, manifest: Manifest, classifier, k: int, seed: int
         rng.shuffle(recs)
         got = 0
         fallback = []  # correct but near a threshold: used only when too few robust ones exist
+        edible = want > 0 and label != OTHER and classifier.bundle.classes[label].kind == "edible"
+        # For an edible species, the photos the bundle answers EDIBLE (in the same random order) are
+        # tried first, for the first slot only; every other slot is drawn from the rest as before.
+        first = [r for r in recs if classifier.classify(manifest.abspath(r)).verdict == "EDIBLE"] if edible else []
+        tried: set[str] = set()
         for robust_only in (True, False):
-            for r in (recs if robust_only else fallback):
+            for i, r in enumerate((first + recs) if robust_only else fallback):
                 if got >= want:
                     break
+                in_first = robust_only and i < len(first)
+                if (in_first and got > 0) or (robust_only and not in_first and r.path in tried):
+                    continue  # the EDIBLE slot is taken (the rest stay a random draw), or seen already
+                if robust_only:
+                    tried.add(r.path)
                 img = Image.fromarray(load_image(manifest.abspath(r)))
                 img.thumbnail((SAMPLE_MAX_SIDE, SAMPLE_MAX_SIDE), Image.LANCZOS)
                 name = f"samples/{label}_{got + 1}.jpg"
@@ -325,6 +345,9 @@ def write_samples(stage: Path, manifest: Manifest, classifier, k: int, seed: int
                 if robust_only and not robust_sample(result, classifier.bundle):
                     fallback.append(r)
                     (stage / name).unlink()
+                    continue
+                if in_first and result.verdict != "EDIBLE":
+                    (stage / name).unlink()  # its thumbnail is not EDIBLE: not the sample this slot wants
                     continue
                 entries.append({"file": name, "label": label, "verdict": result.verdict,
                                 "source": f"{split}: {manifest.species(r) + ': ' if label == OTHER else ''}{r.path}"})
