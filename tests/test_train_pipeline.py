@@ -602,6 +602,18 @@ def test_recalibrate_reproduces_the_export_then_tightens_with_folds_keeping_the_
     bad = invoke("recalibrate", bundle, other)
     assert bad.exit_code == 1 and "not the split" in error_line(bad)
     assert (bundle / "model.json").read_bytes() == kept
-    same_version = invoke("recalibrate", bundle, open_world["work"], *same, "--version", card["version"])
+    # --keep-thresholds: the point stays, the folds are measured at it, metrics.test stays, a new version.
+    (bundle / "model.json").write_text(json.dumps({**json.loads(kept), "metrics": {
+        **json.loads(kept)["metrics"], "test": {"n": 1}}}))
+    before_keep = json.loads((bundle / "model.json").read_text())
+    keep = invoke("recalibrate", bundle, open_world["work"], "--loso", open_world_loso, "--keep-thresholds")
+    assert keep.exit_code == 0, keep.output
+    kc = json.loads((bundle / "model.json").read_text())
+    assert kc["thresholds"] == before_keep["thresholds"] and kc["metrics"]["test"] == {"n": 1}
+    assert kc["version"] != before_keep["version"] == kc["calibration"]["samples_rechosen"]["version_before"]
+    assert kc["calibration"]["folds_refitted"]["photos"] == lo["photos"]
+    assert "thresholds kept" in keep.stdout and "re-run" not in keep.stdout
+    kept = (bundle / "model.json").read_bytes()
+    same_version = invoke("recalibrate", bundle, open_world["work"], *same, "--version", kc["version"])
     assert same_version.exit_code == 1 and "needs a new one" in error_line(same_version)
     assert (bundle / "model.json").read_bytes() == kept

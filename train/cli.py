@@ -440,6 +440,7 @@ def recalibrate(
     max_held_fold_edible: Annotated[float, typer.Option(min=0, max=1, help="With --loso: target share of each held-out species answered EDIBLE.")] = 0.05,
     min_edible_confidence: Annotated[float, typer.Option(help="Floor of the calibrated edible_min_confidence.")] = 0.9,
     version: Annotated[Optional[str], typer.Option(help="The new bundle version (default: UTC date and time; never the old one).")] = None,
+    keep_thresholds: Annotated[bool, typer.Option(help="Keep the card's thresholds: choose the samples again and measure --loso folds at them.")] = False,
 ) -> None:
     """Choose BUNDLE's thresholds again with export's search (no refit; the card's margins kept), e.g. with --loso folds."""
     from train.export import ExportOptions, recalibrate as run
@@ -448,9 +449,11 @@ def recalibrate(
         res = run(bundle, work, ExportOptions(out=bundle, max_unseen_edible=max_unseen_edible,
                                               max_poison_edible=max_poison_edible, min_edible_confidence=min_edible_confidence,
                                               loso=loso, max_held_edible=max_held_edible,
-                                              max_held_fold_edible=max_held_fold_edible, version=version))
+                                              max_held_fold_edible=max_held_fold_edible, version=version,
+                                              keep_thresholds=keep_thresholds))
         th, cal = res["thresholds"], res["calibration"]
-        console.out.print(f"version {res['version']} (was {cal['previous']['version']})", markup=False)
+        was = (cal.get("samples_rechosen") or {}).get("version_before") if keep_thresholds else cal["previous"]["version"]
+        console.out.print(f"version {res['version']} (was {was})", markup=False)
         eff = cal["expected_at_effective"]["val"]
         console.out.print(
             f"thresholds {th['edible_min_confidence']:.4f} (+{th['confidence_margin']:g}) / mass "
@@ -458,14 +461,20 @@ def recalibrate(
             f"(-{th['ood_margin']:g}); val at the effective thresholds: coverage {eff['edible_coverage']['count']}/"
             f"{eff['edible_coverage']['n']}, unseen {eff['unseen_as_edible']['count']}/{eff['unseen_as_edible']['n']}, "
             f"poisonous {eff['poisonous_as_edible']['count']}/{eff['poisonous_as_edible']['n']}")
-        lo = cal.get("leave_one_species_out")
+        refit = cal.get("folds_refitted") if keep_thresholds else None
+        if refit:
+            a = refit["at_effective"]["all"]
+            console.out.print(f"thresholds kept; the refitted folds' held-out species answered EDIBLE at them: "
+                              f"{a['count']}/{a['n']} ({a['rate']:.2%})")
+        lo = None if keep_thresholds else cal.get("leave_one_species_out")
         if lo:
             a, lofo = lo["at_effective"]["all"], lo["leave_one_fold_out"]["all"]
             console.out.print(f"held-out species answered EDIBLE: {a['count']}/{a['n']} (calibrated on them); each "
                               f"fold calibrated without it: {lofo['count']}/{lofo['n']} ({lofo['rate']:.2%})")
-        console.out.print(f"re-run `mushcam-train evaluate {bundle} {work} --split test --record` (metrics."
-                          f"{', metrics.'.join(res['stale'])} were removed: they were measured at the old thresholds)",
-                          markup=False)
+        if res["stale"]:
+            console.out.print(f"re-run `mushcam-train evaluate {bundle} {work} --split test --record` (metrics."
+                              f"{', metrics.'.join(res['stale'])} were removed: they were measured at the old thresholds)",
+                              markup=False)
 
 
 app.command("sign")(sign)

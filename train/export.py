@@ -97,6 +97,8 @@ class ExportOptions:
     loso: Path | None = None
     max_held_edible: float = 0.01  # all held-out photos answered EDIBLE (the same target as val unseen)
     max_held_fold_edible: float = 0.05  # each held-out species (the per-species target of the issue)
+    # recalibrate only: keep the card's thresholds (samples chosen again, the folds measured at them).
+    keep_thresholds: bool = False
 
 
 @dataclass
@@ -1111,20 +1113,41 @@ def recalibrate(bundle_path: Path, work: Path, opts: ExportOptions) -> dict:
             "poisonous_max_mass": Thresholds().poisonous_max_mass,
             "poisonous_min_confidence": th_now.poisonous_min_confidence}
     notes: list[str] = []
-    th_final, calibration, raw, _, _, _ = choose_open_world(
-        probs_val, oods_val, y_val, probs_test, oods_test, y_test, manifest, val_recs, test_recs, labels, roles,
-        b.classes, base, opts, held, notes)
-    calibration["quantization_images"] = old_cal.get("quantization_images")
-    calibration["previous"] = {k: old_cal.get(k) for k in ("method", "raw", "expected_at_effective")}
-    curve = write_loso_curve(work, calibration)
+    if opts.keep_thresholds:
+        # The operating point stays; what changes is the evidence about it (folds fitted again, which
+        # did not choose it) and the samples. The figures measured at these thresholds stay valid.
+        from dataclasses import replace
+
+        from train import openworld as ow
+
+        th_final, raw = th_now, replace(th_now, confidence_margin=0.0, ood_margin=0.0, mass_margin=0.0)
+        calibration = dict(old_cal)
+        if held is not None:
+            calibration["folds_refitted"] = {
+                "why": "leave-one-species-out folds fitted again; these thresholds were not chosen on them",
+                "folds": sorted(set(held.fold)), "photos": len(held),
+                "at_effective": ow.held_figures(ow.held_mask(held, th_final), held),
+                "at_raw": ow.held_figures(ow.held_mask(held, raw), held)}
+        stale: tuple[str, ...] = ()
+    else:
+        th_final, calibration, raw, _, _, _ = choose_open_world(
+            probs_val, oods_val, y_val, probs_test, oods_test, y_test, manifest, val_recs, test_recs, labels, roles,
+            b.classes, base, opts, held, notes)
+        calibration["quantization_images"] = old_cal.get("quantization_images")
+        calibration["previous"] = {k: old_cal.get(k) for k in ("method", "raw", "expected_at_effective")}
+        stale = STALE_AFTER_RECALIBRATION
+    curve = None if opts.keep_thresholds else write_loso_curve(work, calibration)
     if curve:
         console.note(f"leave-one-species-out risk-coverage curve: {curve}")
     now = datetime.now(timezone.utc)
-    calibration["recalibrated"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-    # A new version: other thresholds are another release. With the old version (and the same model
-    # file) a device would name both cards alike, and flash.sh could not tell which one it serves.
-    calibration["previous"]["version"] = card.get("version")
-    old_version = calibration["previous"]["version"]
+    old_version = card.get("version")
+    if opts.keep_thresholds:
+        calibration["samples_rechosen"] = {"time": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "version_before": old_version}
+    else:
+        calibration["recalibrated"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        calibration["previous"]["version"] = old_version
+    # A new version: another card is another release. With the old version (and the same model file)
+    # a device would name both cards alike, and flash.sh could not tell which one it serves.
     if opts.version == old_version:
         raise DataError(f"--version {opts.version} is the bundle's own version; a recalibrated bundle needs a new one")
     # Export's date-and-time version, with seconds when the bundle was made within the same minute.
@@ -1135,9 +1158,9 @@ def recalibrate(bundle_path: Path, work: Path, opts: ExportOptions) -> dict:
     metrics = card.setdefault("metrics", {})
     metrics["val"] = {**(metrics.get("val") or {}), **safety_figures(
         verdicts_for(probs_val, oods_val, labels, b.classes, th_final), y_val, poisonous_mask(labels, manifest.classes))}
-    for k in STALE_AFTER_RECALIBRATION:
+    for k in stale:
         metrics.pop(k, None)
-    if "int8_gate" in metrics:
+    if "int8_gate" in metrics and not opts.keep_thresholds:
         # Its top-1 agreement does not depend on the thresholds; its verdict figures were measured at the
         # export's (needs the float model, which a bundle does not carry).
         metrics["int8_gate"]["verdicts_measured_at"] = (old_cal.get("raw") or {}) | {"margins": old_cal.get("margins")}
@@ -1167,4 +1190,4 @@ def recalibrate(bundle_path: Path, work: Path, opts: ExportOptions) -> dict:
     for w in notes:
         console.warn(w)
     return {"thresholds": card["thresholds"], "calibration": calibration, "raw": raw.__dict__,
-            "stale": list(STALE_AFTER_RECALIBRATION), "version": card["version"]}
+            "stale": list(stale), "version": card["version"]}
