@@ -359,6 +359,16 @@ def test_receive_speaks_the_flash_protocol(device, tiny_bundle, tmp_path):
     assert same_name.exit_code == 1 and "give the bundle a new version" in same_name.output
     assert device.current() == name and not [r for r in device.releases() if r.startswith(name) and r != name]
 
+    # A release on the device (not current) under the same name with another card is copied again, so
+    # the pushed card is the one checked and served, never the stale copy.
+    old_recal = derive_bundle(tmp_path / "a", tmp_path / "a-recal",
+                              edit=lambda card: card["thresholds"].update(edible_min_confidence=0.99))
+    assert release_name(old_recal) == old and device.current() != old
+    shutil.copytree(old_recal, device.models / "releases" / f"{old}.partial")
+    again = _receive(device, old_recal, "go\n")
+    assert again.output.splitlines()[0].split("\t")[2] == "copy=1", again.output
+    assert again.exit_code == 0 and device.current() == old
+    assert load_bundle(device.models / "releases" / old).thresholds.edible_min_confidence == 0.99
     # No `go` (the copy failed): nothing changes, the .partial stays to be resumed.
     shutil.copytree(c, device.models / "releases" / f"{release_name(c)}.partial")
     aborted = _receive(device, c, "abort\n")
