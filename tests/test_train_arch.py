@@ -177,6 +177,39 @@ def test_evaluate_arch_aarch64_records_both_and_the_jitter(bundle_copy, data_dir
     assert saved["known"] == 3 and len(saved["x86_64"]) == len(saved["aarch64"]) == 4
 
 
+def test_evaluate_arch_records_the_split_metrics_for_the_same_split_prepared_elsewhere(
+        bundle_copy, data_dir, tmp_path, monkeypatch, edit_card):
+    from train.dataset import FORMAT, MANIFEST, split_sha256
+
+    fake = tmp_path / "pi-check.sh"
+    fake.write_text(FAKE_PI_CHECK.format(log=tmp_path / "binds.log", python=sys.executable))
+    monkeypatch.setattr(arch, "PI_CHECK", fake)
+    card = json.loads((bundle_copy / "model.json").read_text())
+    images = [{"path": f"{d.name}/{f.name}", "label": d.name, "sha256": "0" * 64, "phash": "0" * 16, "group": i,
+               "split": "test", "species": ""}
+              for i, d in enumerate(sorted(data_dir.iterdir())) for f in d.iterdir()]
+    work = tmp_path / "work"
+    work.mkdir()
+    doc = {"format": FORMAT, "created": "2026-12-05T19:00:00Z", "data_dir": str(data_dir), "seed": 0,
+           "labels": card["labels"], "classes": card["classes"], "images": images}
+    (work / MANIFEST).write_text(json.dumps(doc))
+    # The card was made on another machine: another manifest file (time, absolute folder), the same split.
+    edit_card(bundle_copy, lambda c: c.setdefault("training", {}).update(
+        {"manifest_sha256": "f" * 64, "split_sha256": split_sha256(work / MANIFEST)}))
+    r = CliRunner().invoke(app, ["evaluate", str(bundle_copy), str(work), "--arch", "aarch64", "--record"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((bundle_copy / "model.json").read_text())["metrics"]
+    assert metrics["test"]["n"] == metrics["test_aarch64"]["n"] == 3
+    # Another split (one photo on another side) records only the jitter.
+    doc["images"][0]["split"] = "train"
+    (work / MANIFEST).write_text(json.dumps(doc))
+    edit_card(bundle_copy, lambda c: c["metrics"].pop("test_aarch64"))
+    r = CliRunner().invoke(app, ["evaluate", str(bundle_copy), str(work), "--arch", "aarch64", "--record"])
+    assert r.exit_code == 0, r.output
+    assert "test_aarch64" not in json.loads((bundle_copy / "model.json").read_text())["metrics"]
+    assert "recording only metrics.arch_jitter" in r.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["--arch", "arm"], "x86_64, aarch64"),
     (["--unseen", "."], "--arch aarch64"),

@@ -128,6 +128,27 @@ def test_split_is_deterministic_for_a_seed_and_changes_with_it(tmp_path):
     assert counts["red_circle"] == {"train": 14, "val": 3, "test": 3}
 
 
+def test_split_sha256_recognises_the_same_split_prepared_elsewhere_and_nothing_else(tmp_path):
+    import shutil
+
+    data = make_dataset(tmp_path / "data", per_class=8)
+    shutil.copytree(data, tmp_path / "elsewhere" / "data")  # another machine's copy of the same photos
+    dataset.prepare(data, tmp_path / "a", seed=1)
+    dataset.prepare(tmp_path / "elsewhere" / "data", tmp_path / "b", seed=1)
+    dataset.prepare(data, tmp_path / "c", seed=2)
+    a, b, c = (tmp_path / n / dataset.MANIFEST for n in "abc")
+    # The file differs (absolute folder, time), the split does not.
+    assert dataset.sha256_of(a) != dataset.sha256_of(b)
+    assert dataset.split_sha256(a) == dataset.split_sha256(b)
+    assert dataset.split_sha256(a) != dataset.split_sha256(c)
+    # One photo moved to another side is another split.
+    doc = json.loads(b.read_text())
+    first = next(r for r in doc["images"] if r["split"] == "test")
+    first["split"] = "train"
+    b.write_text(json.dumps(doc))
+    assert dataset.split_sha256(a) != dataset.split_sha256(b)
+
+
 def test_missing_edibility_row_is_an_error_naming_the_class(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=3, edibility={"red_circle": "edible", "blue_square": "poisonous"})
     result = runner.invoke(app, ["prepare", str(data), "--out", str(tmp_path / "work")])

@@ -107,6 +107,10 @@ def test_export_writes_a_bundle_the_device_loads(chain):
     assert 0.9 <= card["thresholds"]["edible_min_confidence"] <= 1.0
     assert {"float_top1", "int8_top1", "val"} <= set(card["metrics"])
     assert card["training"]["backbone"] == "mobilenet_v2" and card["training"]["alpha"] == 0.35
+    # The split's own hash (machine-independent), so `evaluate --arch aarch64 --record` knows its WORK dir.
+    from train.dataset import split_sha256
+
+    assert card["training"]["split_sha256"] == split_sha256(chain["work"] / "manifest.json")
     for s in bundle.samples:
         assert s.path.is_file() and max(__import__("PIL.Image").Image.open(s.path).size) <= 320
     # No temp or backup directories left beside the bundle.

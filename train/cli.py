@@ -336,17 +336,20 @@ def _evaluate_aarch64(bundle: Path, source: Path, split: str, as_json: bool, rec
     jit["figures"] = {a: {k: r[k] for k in ("n", "top1", "poisonous_as_edible_count", "edible_coverage", "unsure_rate")}
                       for a, r in results.items()}
     if record:
-        # metrics.<split> must describe photos the model never trained on: only when SOURCE is the very
-        # WORK dir the model was trained from (its manifest's sha256 is in the card).
-        from train.dataset import MANIFEST, sha256_of
+        # metrics.<split> must describe photos the model never trained on: only when SOURCE holds the very
+        # split the model was trained on (the card has its manifest's sha256 and, since 2026-12-05, the split's
+        # own sha256, which a WORK dir prepared again with the same photos and seed on another machine matches).
+        from train.dataset import MANIFEST, sha256_of, split_sha256
 
-        trained = (b.card.get("training") or {}).get("manifest_sha256")
-        own = (Path(source) / MANIFEST).is_file() and sha256_of(Path(source) / MANIFEST) == trained
+        training = b.card.get("training") or {}
+        mf = Path(source) / MANIFEST
+        own = mf.is_file() and (sha256_of(mf) == training.get("manifest_sha256")
+                                or split_sha256(mf) == training.get("split_sha256"))
         if own:
             ev.record_in_card(bundle, split, results["x86_64"])
             ev.record_in_card(bundle, f"{split}_aarch64", results["aarch64"])
         else:
-            console.warn(f"{source} is not the WORK dir {b.name} was trained from (manifest sha256 differs): "
+            console.warn(f"{source} does not hold the split {b.name} was trained on (manifest and split sha256 differ): "
                          f"recording only metrics.arch_jitter, not metrics.{split}/{split}_aarch64")
         card_path = Path(bundle) / "model.json"
         card = json.loads(card_path.read_text(encoding="utf-8"))

@@ -535,3 +535,16 @@ def load_rgb_arrays(
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a small file (the manifest, for the model card)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# What a manifest says about this machine and this run, not about the split: the same photos dealt the
+# same way on another machine (or by a later `prepare` with the same seed) differ only here.
+_NOT_THE_SPLIT = ("created", "data_dir", "other_dir")
+
+
+def split_sha256(path: Path) -> str:
+    """Hex sha256 of a manifest's split alone: every photo's path, content hash, label and side, without
+    the absolute folders and the time (so a WORK dir prepared again elsewhere is recognised)."""
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    canon = {k: v for k, v in doc.items() if k not in _NOT_THE_SPLIT}
+    return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

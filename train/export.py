@@ -47,7 +47,7 @@ import numpy as np
 
 from device.errors import BundleError, DataError, ExportGateError
 from train import console
-from train.dataset import OTHER, ImageRecord, Manifest, load_rgb_arrays, sha256_of
+from train.dataset import OTHER, ImageRecord, Manifest, load_rgb_arrays, sha256_of, split_sha256
 from train.fit import MODEL_FILE, load_fit_info, training_input_spec
 from train.metrics import poisonous_mask, safety_figures
 from train.model_spec import get_spec
@@ -857,6 +857,7 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
                 "images": info.get("counts"),
                 "best": info.get("best"),
                 "manifest_sha256": sha256_of(work / "manifest.json"),
+                "split_sha256": split_sha256(work / "manifest.json"),
                 "versions": info.get("versions"),
             },
         })
