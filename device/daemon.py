@@ -240,11 +240,14 @@ class Daemon:
         elif alike is None and r.runner_up is not None and r.runner_up[1] >= RUNNER_UP_MIN:
             note = name_with_percent(("2nd: ",), b.display_name(r.runner_up[0]), r.runner_up[1])
         title = b.display_name(r.label) if r.label else ""
+        confidence = r.confidence
         if r.verdict == "UNSURE" and r.decision.reason in UNFAMILIAR_REASONS:
             # A species name under UNSURE reads as "probably that one": for a photo unlike every species the
             # model knows, the title must not name one (the look-alike line may still say what is closest).
-            title = "Unknown mushroom"
-        return Screen(title=title, verdict=r.verdict, confidence=r.confidence,
+            # Its percentage goes too: "UNSURE 99%" over "Unknown mushroom" is that hidden species' score,
+            # which reads as "99 % sure" of something (every unseen test photo was such a screen).
+            title, confidence = "Unknown mushroom", None
+        return Screen(title=title, verdict=r.verdict, confidence=confidence,
                       detail=short_reason(r.decision.reason), note=note, press=self.presses_answered + 1, kind="verdict")
 
     def _closest_poisonous(self, r: Result) -> tuple[str, float] | None:

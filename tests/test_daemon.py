@@ -366,8 +366,10 @@ def test_an_unfamiliar_photo_is_titled_unknown_not_by_its_nearest_species(tmp_pa
     decision = decide([0.99, 0.005, 0.005], b.labels, b.classes, b.thresholds, far)
     s = d.verdict_screen(Result(decision, np.array([0.99, 0.005, 0.005]), far, 1.0, 3, tuple(b.labels)))
     assert (s.verdict, s.title) == ("UNSURE", "Unknown mushroom")
+    assert s.confidence is None  # the 99 % belongs to the species it does not name
     familiar = decide([0.99, 0.005, 0.005], b.labels, b.classes, b.thresholds, 1.0)
-    assert d.verdict_screen(Result(familiar, np.array([0.99, 0.005, 0.005]), 1.0, 1.0, 3, tuple(b.labels))).title == "red cap"
+    s = d.verdict_screen(Result(familiar, np.array([0.99, 0.005, 0.005]), 1.0, 1.0, 3, tuple(b.labels)))
+    assert s.title == "red cap" and s.confidence == pytest.approx(0.99)
 
 
 def test_status_file_is_world_readable_under_the_units_umask(tmp_path, bundle, mock_pins):
