@@ -324,3 +324,47 @@ def test_prepare_refuses_an_other_species_that_is_a_known_class(tmp_path):
     (other / "red_circle").mkdir()
     with pytest.raises(DataError, match="also a known class"):
         dataset.prepare(data, tmp_path / "w", other_dir=other)
+
+
+def test_train_genera_go_wholly_to_train_and_val_test_keep_their_share():
+    rng = np.random.default_rng(2)
+    for trial in range(40):
+        by = ("species", "genus")[trial % 2]
+        recs = [dataset.ImageRecord(f"g{g}_s{s}/{i}.jpg", "other", "0" * 64, "0" * 16, species=f"g{g}_s{s}")
+                for g in range(int(rng.integers(4, 20))) for s in range(int(rng.integers(1, 5)))
+                for i in range(int(rng.integers(1, 12)))]
+        dataset.split_species(recs, seed=trial, val=0.25, test=0.25, by=by, train_genera=["g0", "g1"])
+        sides: dict[str, set] = {}
+        for r in recs:
+            sides.setdefault(r.species, set()).add(r.split)
+        assert all(len(v) == 1 for v in sides.values())
+        assert all(v == {"train"} for sp, v in sides.items() if dataset.genus_of(sp) in ("g0", "g1")), by
+        n = len(recs)
+        forced = sum(dataset.genus_of(r.species) in ("g0", "g1") for r in recs)
+        if forced < n / 2:  # room left for val and test: each still gets about its share of the whole pool
+            assert any(r.split == "val" for r in recs) and any(r.split == "test" for r in recs)
+    # Without train genera, the species split is exactly what it was (the shipped manifest's split).
+    a = [dataset.ImageRecord(f"g{g}_s{s}/{i}.jpg", "other", "0" * 64, "0" * 16, species=f"g{g}_s{s}")
+         for g in range(9) for s in range(3) for i in range(1 + (g + s) % 5)]
+    b = [dataset.ImageRecord(**vars(r)) for r in a]
+    dataset.split_species(a, seed=0, val=0.25, test=0.25)
+    dataset.split_species(b, seed=0, val=0.25, test=0.25, train_genera=())
+    assert [r.split for r in a] == [r.split for r in b]
+    with pytest.raises(DataError, match="no species folder of that genus"):
+        dataset.split_species(a, seed=0, val=0.25, test=0.25, train_genera=["nosuch"])
+
+
+def test_prepare_other_train_genus_is_recorded_and_needs_other(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=3)
+    other = make_other_pool(tmp_path / "other", species=6)
+    result = runner.invoke(app, ["prepare", str(data), "--out", str(tmp_path / "w"), "--other", str(other),
+                                 "--other-train-genus", "genus"])
+    assert result.exit_code == 0, result.output
+    m = dataset.Manifest.load(tmp_path / "w")
+    assert m.other_train_genera == ["genus"]
+    assert {r.split for r in m.records() if r.label == "other"} == {"train"}
+    # A manifest prepared without the option has no such key, so its split hash is what it was.
+    plain = dataset.prepare(data, tmp_path / "p", other_dir=other)
+    assert "other_train_genera" not in plain.to_dict() and plain.other_train_genera == []
+    result = runner.invoke(app, ["prepare", str(data), "--out", str(tmp_path / "x"), "--other-train-genus", "genus"])
+    assert result.exit_code != 0 and "pass --other" in result.output and "Traceback" not in result.output

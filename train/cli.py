@@ -84,6 +84,7 @@ def prepare(
     other_val: Annotated[float, typer.Option(help="Fraction of the other pool's photos (whole species) for validation/calibration.")] = 0.25,
     other_test: Annotated[float, typer.Option(help="Fraction of the other pool's photos (whole species) for the test split.")] = 0.25,
     other_split: Annotated[str, typer.Option(help="How the other pool's species are dealt: `species` (shuffled) or `genus` (stratified: every genus with 2+ species has one in train).")] = "species",
+    other_train_genus: Annotated[Optional[list[str]], typer.Option(help="A genus (folder prefix, e.g. `rubroboletus`) whose species all go to train as `other`; repeat for more.")] = None,
 ) -> None:
     """Scan DATA_DIR: decode every image, group duplicates, split train/val/test by group, write WORK/manifest.json."""
     from train import dataset, report
@@ -91,7 +92,7 @@ def prepare(
     with _reported():
         manifest = dataset.prepare(data_dir, out, seed=seed, val=val, test=test, track=console.track,
                                    other_dir=other, other_val=other_val, other_test=other_test,
-                                   other_split=other_split)
+                                   other_split=other_split, other_train_genera=other_train_genus or ())
         report.print_prepare(manifest, out)
 
 

@@ -99,6 +99,7 @@ class Manifest:
     other_val: float = 0.0
     other_test: float = 0.0
     other_split: str = "species"  # how the other pool's species were dealt (OTHER_SPLITS)
+    other_train_genera: list[str] = field(default_factory=list)  # genera put wholly in train
 
     def records(self, split: str | None = None) -> list[ImageRecord]:
         """Images of one split (or all), in manifest order."""
@@ -145,6 +146,8 @@ class Manifest:
             "copies": self.copies,
             **({"other_dir": str(self.other_dir), "other_val": self.other_val, "other_test": self.other_test,
                 "other_split": self.other_split,
+                # only when used, so a manifest prepared without it keeps its split hash
+                **({"other_train_genera": self.other_train_genera} if self.other_train_genera else {}),
                 "other_species": {sp: self.other_species(sp) for sp in SPLITS}} if self.other_dir else {}),
         }
 
@@ -177,6 +180,7 @@ class Manifest:
             list(d.get("dropped", [])), list(d.get("copies", [])), str(d.get("created", "")),
             Path(d["other_dir"]) if d.get("other_dir") else None, float(d.get("other_val", 0.0)),
             float(d.get("other_test", 0.0)), str(d.get("other_split", "species")),
+            [str(g) for g in d.get("other_train_genera", [])],
         )
 
 
@@ -386,7 +390,8 @@ def genus_of(species: str) -> str:
     return species.split("_", 1)[0]
 
 
-def split_species(records: list[ImageRecord], seed: int, val: float, test: float, by: str = "species") -> None:
+def split_species(records: list[ImageRecord], seed: int, val: float, test: float, by: str = "species",
+                  train_genera: Sequence[str] = ()) -> None:
     """Assign each other-pool record's `split` by SPECIES: a species is wholly in train, val or test.
 
     `species`: the species are shuffled (seeded) and each goes to the split furthest below its target share
@@ -398,6 +403,9 @@ def split_species(records: list[ImageRecord], seed: int, val: float, test: float
     the look-alike a forager meets (seen: with a plain species split, every red-stemmed bolete but one
     small species fell on the val and test side, and the scarletina fold took unseen red-stemmed boletes
     for penny buns).
+    `train_genera`: every species of these genera goes to train, whatever `by` says (the look-alikes a
+    model must learn as `other`, at the cost of not measuring them as unseen species); the rest is dealt
+    as above, val and test keeping their share of the whole pool.
     """
     if by not in OTHER_SPLITS:
         raise DataError(f"other pool split {by!r}: use one of {', '.join(OTHER_SPLITS)}")
@@ -405,15 +413,26 @@ def split_species(records: list[ImageRecord], seed: int, val: float, test: float
     by_species: dict[str, list[ImageRecord]] = {}
     for r in records:
         by_species.setdefault(r.species, []).append(r)
+    n = sum(len(u) for u in by_species.values())
+    have = {s: 0 for s in SPLITS}
+    forced = sorted(set(train_genera))
+    missing = [g for g in forced if not any(genus_of(sp) == g for sp in by_species)]
+    if missing:
+        raise DataError(f"--other-train-genus {missing[0]!r}: no species folder of that genus in the other pool "
+                        f"(folders are named genus_species, e.g. {sorted(by_species)[0]!r})")
+    for sp in [sp for sp in sorted(by_species) if genus_of(sp) in forced]:
+        # Whole genera the model must learn as `other`; val and test still get their share of the
+        # whole pool (have/total), so they are filled from the remaining species.
+        for r in by_species.pop(sp):
+            r.split = "train"
+            have["train"] += 1
     rng = np.random.default_rng([seed, zlib.crc32(OTHER.encode())])
     if by == "species":
-        _assign_splits(by_species, rng, fractions)
+        _assign_splits(by_species, rng, fractions, have=have, total=n)
         return
     genera: dict[str, list[str]] = {}
     for sp in sorted(by_species):
         genera.setdefault(genus_of(sp), []).append(sp)
-    n = sum(len(u) for u in by_species.values())
-    have = {s: 0 for s in SPLITS}
     singles: dict[str, list[ImageRecord]] = {}
     order = sorted(genera)
     rng.shuffle(order)
@@ -445,12 +464,15 @@ def other_folders(other_dir: Path) -> list[str]:
 def prepare(
     data_dir: Path, work: Path, seed: int = 0, val: float = 0.15, test: float = 0.15, track: Track = _no_progress,
     other_dir: Path | None = None, other_val: float = 0.25, other_test: float = 0.25, other_split: str = "species",
+    other_train_genera: Sequence[str] = (),
 ) -> Manifest:
     """Scan DATA_DIR (and OTHER_DIR), group duplicates, split, and write WORK/manifest.json; return the manifest."""
     if not (0.0 <= val < 1.0 and 0.0 <= test < 1.0 and val + test < 1.0):
         raise DataError(f"--val {val} and --test {test} must each be in [0, 1) and sum to less than 1")
     if other_dir is not None and not (0.0 <= other_val < 1.0 and 0.0 <= other_test < 1.0 and other_val + other_test < 1.0):
         raise DataError(f"--other-val {other_val} and --other-test {other_test} must each be in [0, 1) and sum to less than 1")
+    if other_train_genera and other_dir is None:
+        raise DataError("--other-train-genus names genera of the other pool: pass --other OTHER_DIR too")
     data_dir = Path(data_dir).resolve()
     labels = [p.name for p in class_folders(data_dir)]
     if len(labels) < 2:
@@ -495,7 +517,7 @@ def prepare(
     if other_dir is not None:
         if not others:
             raise DataError(f"{other_dir}: no usable images in any species folder")
-        split_species(others, seed, other_val, other_test, other_split)
+        split_species(others, seed, other_val, other_test, other_split, other_train_genera)
         kept += others
         labels = labels + [OTHER]
         # edibility "poisonous": an older device that knows no roles still never answers EDIBLE for it.
@@ -504,6 +526,7 @@ def prepare(
         data_dir, labels, classes, kept, seed, val, test, skipped, dropped, copies,
         datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         other_dir, other_val if other_dir else 0.0, other_test if other_dir else 0.0, other_split,
+        sorted(set(other_train_genera)) if other_dir else [],
     )
     manifest.save(work)
     return manifest
