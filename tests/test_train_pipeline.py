@@ -452,6 +452,12 @@ def test_open_world_export_records_roles_calibration_and_sample_verdicts(open_wo
     assert card["thresholds"]["ood_margin"] == 0.015
     val = cal["expected_at_effective"]["val"]
     assert set(val["unseen_as_edible"]) == {"rate", "count", "n", "wilson95"} and val["unseen_as_edible"]["n"] > 0
+    # No test figure of the bundle at export: the test split is evaluate's, read after the bundle is chosen.
+    assert set(cal["expected_at_effective"]) == {"val"}
+    assert "test" not in card.get("metrics", {})
+    with np.load(open_world["work"] / "openworld" / "tables.npz") as t:
+        assert not any("test" in k for k in t.files)
+    assert "test" not in (open_world["work"] / "openworld" / "risk_coverage.csv").read_text()
     # The index holds the other pool's train photos as negatives, in int8 rows.
     assert card["ood"]["negatives"] > 0 and card["ood"]["dtype"] == "int8"
     # Every sample is in `files` with its sha256 and carries the verdict the bundle gives it.

@@ -548,9 +548,12 @@ def _load_folds(loso: Path, work: Path):
     return held, folds
 
 
-def choose_open_world(probs_val, oods_val, y_val, probs_test, oods_test, y_test, manifest: Manifest, val_recs, test_recs,
+def choose_open_world(probs_val, oods_val, y_val, manifest: Manifest, val_recs,
                       labels, roles, bundle_classes, thresholds: dict, opts: ExportOptions, held, notes: list):
     """The open-world operating point and the card's `calibration` (export and recalibrate share it).
+
+    Val (and the folds) only: the test split is `evaluate`'s, so whoever exports decides before any test
+    figure exists (the card once carried calibration.expected_at_effective.test, written at export).
 
     Returns (effective Thresholds, calibration dict, raw Thresholds, search table, edible_labels, val Groups).
     """
@@ -626,12 +629,6 @@ def choose_open_world(probs_val, oods_val, y_val, probs_test, oods_test, y_test,
             {"edible_min_confidence": r[0], "ood_max_score": r[1], "poisonous_max_mass": r[5],
              "val_edible_coverage": round(r[2], 5), "held_as_edible": round(r[3], 5)}
             for r in ow.held_frontier(table, opts.max_unseen_edible, opts.max_poison_edible)]
-    if len(test_recs):
-        kinds_t = np.array([roles[labels[i]] for i in y_test])
-        g_t = ow.Groups(kinds_t == "edible", kinds_t == "poisonous", kinds_t == "other")
-        t_mask = ow.edible_mask(probs_test, oods_test, edible_labels, th_final)
-        calibration["expected_at_effective"]["test"] = ow.figures(
-            t_mask, g_t, [manifest.species(r) for r in test_recs])
     return th_final, calibration, raw, table, edible_labels, g_val
 
 
@@ -772,13 +769,12 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
         calibration: dict
         if open_world:
             th_final, calibration, raw, table, edible_labels, g_val = choose_open_world(
-                probs_val, oods_val, y_val, probs_test, oods_test, y_test, manifest, val_recs, test_recs, labels, roles,
+                probs_val, oods_val, y_val, manifest, val_recs, labels, roles,
                 bundle.classes, thresholds, opts, held, notes)
             thresholds = {k: v for k, v in th_final.__dict__.items()}
             write_loso_curve(work, calibration)
             _open_world_evidence(work, manifest, labels, roles, edible_labels, probs_val, oods_val, lg_val, emb_val,
-                                 emb_train, known_tr, scorer, g_val, table, raw, th_final, probs_test, oods_test,
-                                 y_test, opts)
+                                 emb_train, known_tr, scorer, g_val, table, raw, th_final, opts)
         else:
             calibration = _closed_world_calibration(probs_val, oods_val, y_val, labels, bundle, thresholds, opts,
                                                     notes, ood_section)
@@ -936,9 +932,10 @@ def _closed_world_calibration(probs_val, oods_val, y_val, labels, bundle, thresh
 
 
 def _open_world_evidence(work, manifest, labels, roles, edible_labels, probs_val, oods_val, lg_val, emb_val,
-                         emb_train, known_tr, scorer, g_val, table, raw, th_final, probs_test, oods_test, y_test, opts):
+                         emb_train, known_tr, scorer, g_val, table, raw, th_final, opts):
     """WORK/openworld/: the score comparison on val species (compare.json/.md, compare.png) and the
-    risk-coverage curve of the shipped policy on val and test (risk_coverage.csv/.png). Evaluation only."""
+    risk-coverage curve of the shipped policy on val (risk_coverage.csv/.png). Val only: the test curve is
+    `evaluate`'s (its --report), read after the bundle is chosen."""
     import json
 
     from train import openworld as ow
@@ -952,10 +949,7 @@ def _open_world_evidence(work, manifest, labels, roles, edible_labels, probs_val
              kinds_val=np.array(["other" if u else "poisonous" if pz else "edible"
                                  for u, pz in zip(g_val.unseen, g_val.poisonous)]),
              species_val=np.array([manifest.species(r) for r in manifest.records("val")]),
-             probs_test=probs_test if probs_test is not None else np.array([]),
-             oods_test=oods_test if oods_test is not None else np.array([]),
-             y_test=y_test, labels=np.array(labels),
-             species_test=np.array([manifest.species(r) for r in manifest.records("test")]))
+             labels=np.array(labels))
     rows = []
     if emb_val is not None:
         kn = emb_train[known_tr]
@@ -999,23 +993,12 @@ def _open_world_evidence(work, manifest, labels, roles, edible_labels, probs_val
         lines.append(f"| {r['score']} | {r['auroc_unseen_vs_edible']:.3f} | {r.get('coverage_at_unseen_0.01', 0):.1%} | "
                      f"{r.get('coverage_at_unseen_0.02', 0):.1%} |")
     (folder / "compare.md").write_text("\n".join(lines) + "\n")
-    # Risk-coverage curve of the shipped policy: val (where thresholds were chosen) and test.
+    # Risk-coverage curve of the shipped policy on val, where the thresholds were chosen.
     curves = {"val (calibration)": ow.frontier(table)}
     marks = {}
     m = ow.edible_mask(probs_val, oods_val, edible_labels, th_final)
     marks["shipped, val"] = (float((m & g_val.unseen).sum() / max(1, g_val.unseen.sum())),
                              float((m & g_val.edible).sum() / max(1, g_val.edible.sum())))
-    if probs_test is not None and len(probs_test):
-        kinds_t = np.array([roles[labels[i]] for i in y_test])
-        g_t = ow.Groups(kinds_t == "edible", kinds_t == "poisonous", kinds_t == "other")
-        conf_grid = sorted({r[0] for r in table})
-        ood_grid = sorted({r[1] for r in table if r[1] is not None}) or None
-        _, t_table = ow.search(probs_test, oods_test, edible_labels, g_t, replace_th(raw, 0.0), conf_grid, ood_grid,
-                               1.0, 1.0, sorted({r[5] for r in table}))
-        curves["test"] = ow.frontier(t_table)
-        m = ow.edible_mask(probs_test, oods_test, edible_labels, th_final)
-        marks["shipped, test"] = (float((m & g_t.unseen).sum() / max(1, g_t.unseen.sum())),
-                                  float((m & g_t.edible).sum() / max(1, g_t.edible.sum())))
     ow.write_curve(curves, folder / "risk_coverage.csv", folder / "risk_coverage.png",
                    "shipped policy: thresholds moved on the grid (frontier)", marks)
     console.note(f"open-world evidence: {folder}")
@@ -1096,7 +1079,7 @@ def recalibrate(bundle_path: Path, work: Path, opts: ExportOptions) -> dict:
     if opts.loso is not None:
         held, loso_folds = _load_folds(opts.loso, work)
     classifier = Classifier(b, backend="cpu", threads=opts.threads)
-    val_recs, test_recs = manifest.records("val"), manifest.records("test")
+    val_recs = manifest.records("val")
 
     def scores(recs, what):
         probs, oods = [], []
@@ -1107,9 +1090,7 @@ def recalibrate(bundle_path: Path, work: Path, opts: ExportOptions) -> dict:
         return np.array(probs), (np.array(oods) if card.get("ood") else None)
 
     probs_val, oods_val = scores(val_recs, "val (device)")
-    probs_test, oods_test = scores(test_recs, "test (device)") if test_recs else (None, None)
     y_val = np.array([manifest.label_index(r) for r in val_recs])
-    y_test = np.array([manifest.label_index(r) for r in test_recs], dtype=int)
     base = {"edible_min_confidence": Thresholds().edible_min_confidence,
             "poisonous_max_mass": Thresholds().poisonous_max_mass,
             "poisonous_min_confidence": th_now.poisonous_min_confidence}
@@ -1132,7 +1113,7 @@ def recalibrate(bundle_path: Path, work: Path, opts: ExportOptions) -> dict:
         stale: tuple[str, ...] = ()
     else:
         th_final, calibration, raw, _, _, _ = choose_open_world(
-            probs_val, oods_val, y_val, probs_test, oods_test, y_test, manifest, val_recs, test_recs, labels, roles,
+            probs_val, oods_val, y_val, manifest, val_recs, labels, roles,
             b.classes, base, opts, held, notes)
         calibration["quantization_images"] = old_cal.get("quantization_images")
         calibration["previous"] = {k: old_cal.get(k) for k in ("method", "raw", "expected_at_effective")}
