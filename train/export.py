@@ -716,11 +716,10 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
         y_val = np.array([manifest.label_index(r) for r in val_recs])
         y_train = np.array([manifest.label_index(r) for r in train_recs])
         lg_val: list = []
-        lg_test: list = []
         probs_val, emb_val, _ = device_scores(classifier, recorder, [manifest.abspath(r) for r in val_recs],
                                               "int8 val (device)", lg_val)
         probs_test, emb_test, _ = (device_scores(classifier, recorder, [manifest.abspath(r) for r in test_recs],
-                                                 "int8 test (device)", lg_test) if test_recs else (None, None, None))
+                                                 "int8 test (device)") if test_recs else (None, None, None))
         int8_top1 = float(np.mean(np.argmax(probs_val, axis=1) == y_val))
         notes: list[str] = []
 
@@ -782,9 +781,8 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
         # Gate: float vs int8 over every photo not used for quantization calibration.
         int8_rest = None
         if rest_train:
-            lg_rest: list = []
             probs_rest, emb_rest, _ = device_scores(classifier, recorder, [manifest.abspath(r) for r in rest_train],
-                                                    "int8 rest of train (device)", lg_rest)
+                                                    "int8 rest of train (device)")
             int8_rest = probs_rest
         int8_all = np.concatenate([probs_val] + ([probs_test] if nt else []) + ([int8_rest] if int8_rest is not None else []))
         gate_labels = np.array([manifest.label_index(r) for r in val_recs + test_recs + rest_train])
