@@ -402,3 +402,18 @@ def test_an_edible_species_first_sample_is_edible_when_one_exists(tiny_bundle, t
     stage.mkdir()
     entries, _ = write_samples(stage, m, Fake(), 2, 0)
     assert [e["verdict"] for e in entries if e["label"] == "red_cap"] == ["UNSURE", "UNSURE"]
+
+
+def test_a_one_point_risk_coverage_curve_is_drawn(tmp_path):
+    """A frontier of one point (no unseen photo EDIBLE anywhere on the grid) shows up in the PNG: a step line
+    through one point draws nothing, so an honest figure looked like an empty plot."""
+    from PIL import Image
+
+    def curve_pixels(rows):
+        png = tmp_path / "c.png"
+        ow.write_curve({"frontier": rows}, tmp_path / "c.csv", png, "t")
+        rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+        # matplotlib's first colour (C0, #1f77b4), which only the curve and its legend sample use
+        return int((np.abs(rgb - np.array([0x1F, 0x77, 0xB4])).sum(axis=2) < 60).sum())
+
+    assert curve_pixels([(0.9, 0.4, 0.8, 0.0, 0.0, 0.25)]) > curve_pixels([]) + 20

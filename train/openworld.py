@@ -254,7 +254,9 @@ def write_curve(curves: dict[str, list[tuple]], csv_path: Path, png_path: Path, 
     for name, rows in curves.items():
         xs = [r[3] * 100 for r in rows]
         ys = [r[2] * 100 for r in rows]
-        ax.step(xs, ys, where="post", label=name)
+        # A frontier of one point (no photo of an unseen species EDIBLE at any threshold on the grid) is
+        # an invisible step line: give it a marker so the curve does not look empty.
+        ax.step(xs, ys, where="post", label=name, marker="o" if len(rows) == 1 else None)
     for name, (x, y) in (marks or {}).items():
         ax.plot([x * 100], [y * 100], "o", ms=7, label=name)
     ax.axvline(2.0, color="red", ls=":", lw=1, label="target unseen->EDIBLE 2%")
