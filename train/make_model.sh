@@ -79,3 +79,8 @@ cp "$WORK/report/risk_coverage.png" "$WORK/report/risk_coverage.csv" "$DOCS/figu
 cp "$WORK/openworld/compare.png" "$DOCS/figures/score-comparison.png"
 cp "$WORK/openworld/compare.csv" "$DOCS/figures/score-comparison.csv"
 cp "$WORK/openworld/compare.md" "$DOCS/figures/score-comparison.md"
+# The folds' frontier (the README shows it) is this export's only when it had folds: a file left by an
+# earlier export with folds would be stale.
+if [ ${#LOSO_ARGS[@]} -gt 0 ]; then
+  cp "$WORK/openworld/loso_risk_coverage.png" "$WORK/openworld/loso_risk_coverage.csv" "$DOCS/figures/"
+fi
