@@ -81,7 +81,12 @@ def _pct(p) -> str:
 
 def _ood_line(record: dict) -> str:
     score = record.get("ood_score")
-    limit = (record.get("thresholds") or {}).get("ood_max_score")
+    thresholds = record.get("thresholds") or {}
+    limit = thresholds.get("ood_max_score")
+    if limit is not None:
+        # The device calls a photo unfamiliar above ood_max_score - ood_margin (device.verdict): the raw limit
+        # would show "familiar" for a score the device rejected, the cross-architecture margin's band.
+        limit -= max(0.0, float(thresholds.get("ood_margin") or 0.0))
     if score is None:
         return "no unknown-species score" if limit is not None else "the model has no unknown-species score"
     if limit is None:

@@ -104,3 +104,15 @@ def test_a_record_with_fields_of_the_wrong_type_is_shown_as_damaged(tmp_path):
     (press / "result.json").write_text(json.dumps({"verdict": "EDIBLE", "thresholds": [1, 2], "top": [{"probability": "x"}]}))
     page = render_review(tmp_path / "captures")
     assert "result.json is damaged" in page and 'data-verdict="none"' in page
+
+
+def test_the_unknown_species_limit_is_the_one_the_device_decides_at(tmp_path):
+    """A card with an ood margin: the device calls a score over ood_max_score - ood_margin unfamiliar, so the
+    page must not call a score between the two "familiar" (it showed the raw limit)."""
+    press = tmp_path / "captures" / "20261206-035301-751110759-UNSURE"
+    press.mkdir(parents=True)
+    record = {"verdict": "UNSURE", "ood_score": 0.40, "press_id": "20261206-035301-751110759-UNSURE",
+              "thresholds": {"ood_max_score": 0.415, "ood_margin": 0.018}}
+    (press / "result.json").write_text(json.dumps(record))
+    page = render_review(tmp_path / "captures")
+    assert "0.400 (limit 0.397: unlike the training species)" in page
