@@ -630,3 +630,23 @@ def test_recalibrate_reproduces_the_export_then_tightens_with_folds_keeping_the_
     same_version = invoke("recalibrate", bundle, open_world["work"], *same, "--version", kc["version"])
     assert same_version.exit_code == 1 and "needs a new one" in error_line(same_version)
     assert (bundle / "model.json").read_bytes() == kept
+
+
+def test_evaluate_says_which_genera_are_absent_from_the_unseen_species(open_world, tmp_path):
+    """A WORK dir prepared with --other-train-genus has none of those genera among its unseen species: the
+    figures say so, in the result, the console and the report (a reader would take 0 % for all fungi)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    manifest = json.loads((open_world["work"] / "manifest.json").read_text())
+    manifest["other_train_genera"] = ["boletus", "suillus"]
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    out = invoke("evaluate", open_world["bundle"], work, "--split", "test", "--report", tmp_path / "r")
+    assert out.exit_code == 0, out.output
+    assert "2 genera, all in training" in out.stdout
+    assert "| genera absent from the unseen species (all in training) | boletus, suillus |" in (
+        tmp_path / "r" / "report.md").read_text()
+    js = invoke("evaluate", open_world["bundle"], work, "--split", "test", "--json")
+    assert json.loads(js.stdout[js.stdout.index("{"):])["open_world"]["genera_in_training"] == ["boletus", "suillus"]
+    # Without the option nothing is said (the fixture's own WORK dir).
+    js = invoke("evaluate", open_world["bundle"], open_world["work"], "--split", "test", "--json")
+    assert "genera_in_training" not in json.loads(js.stdout[js.stdout.index("{"):])["open_world"]

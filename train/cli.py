@@ -325,8 +325,9 @@ def _evaluate_aarch64(bundle: Path, source: Path, split: str, as_json: bool, rec
     console.note(f"classifying {len(paths)} photos in the arm64 root (emulated: slow)")
     arm = ar.classify_in_pi_root(bundle, paths)
     t2 = time.perf_counter()
-    results = {"x86_64": ev.summarize(b, items, x86[:len(items)], where, t1 - t0),
-               "aarch64": ev.summarize(b, items, arm[:len(items)], where + ", aarch64 (emulated)", t2 - t1)}
+    genera = ev.trained_genera(source)
+    results = {"x86_64": ev.summarize(b, items, x86[:len(items)], where, t1 - t0, genera),
+               "aarch64": ev.summarize(b, items, arm[:len(items)], where + ", aarch64 (emulated)", t2 - t1, genera)}
     if rows_out is not None:
         from device.bundle import write_json_atomic
 

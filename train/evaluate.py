@@ -69,6 +69,13 @@ def collect(source: Path, labels: list[str], split: str) -> tuple[list[tuple[Pat
     return items, where
 
 
+def trained_genera(source: Path) -> list[str]:
+    """Genera of the other pool put wholly in training (`prepare --other-train-genus`) for a WORK dir; none
+    of its val or test unseen species is of those genera, so its unseen figures say nothing about them."""
+    source = Path(source)
+    return list(Manifest.load(source).other_train_genera) if (source / MANIFEST).is_file() else []
+
+
 def per_class_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict[str, dict]:
     """Precision, recall, F1 and support of each label (0 where undefined)."""
     out = {}
@@ -117,12 +124,14 @@ def evaluate(bundle_path: Path, source: Path, split: str = "test", threads: int 
     t0 = time.perf_counter()
     if rows is None:
         rows = classify_rows(bundle, [p for p, _, _ in items], threads)
-    return summarize(bundle, items, rows, where, time.perf_counter() - t0)
+    return summarize(bundle, items, rows, where, time.perf_counter() - t0, trained_genera(source))
 
 
-def summarize(bundle, items: list[tuple[Path, str, str]], rows: list[dict], where: str, seconds: float) -> dict:
+def summarize(bundle, items: list[tuple[Path, str, str]], rows: list[dict], where: str, seconds: float,
+              genera_in_training: list[str] = ()) -> dict:
     """The figures of per-photo rows (`classify_rows`, or the same rows from the arm64 root) against their
-    true labels; photos of the other pool (label `other`) are the unseen species."""
+    true labels; photos of the other pool (label `other`) are the unseen species (`genera_in_training`:
+    `trained_genera` of the source, said with them)."""
     labels = list(bundle.labels)
     if len(rows) != len(items):
         raise DataError(f"{where}: {len(rows)} results for {len(items)} photos")
@@ -177,7 +186,7 @@ def summarize(bundle, items: list[tuple[Path, str, str]], rows: list[dict], wher
         "seconds": seconds,
         "thresholds": dict(bundle.card.get("thresholds") or {}),
         "skipped": skipped,
-        **_open_world(bundle, verdicts, yt, poison, unseen_rows),
+        **_open_world(bundle, verdicts, yt, poison, unseen_rows, genera_in_training),
         "_records": {"y_true": yt.tolist(), "y_pred": yp.tolist(), "verdicts": verdicts,
                      "confidence": confidences, "ood": oods},
         "_table": {"probs": np.array(all_probs), "ood": np.array(all_oods, dtype=float), "kind": np.array(all_kind),
@@ -185,7 +194,7 @@ def summarize(bundle, items: list[tuple[Path, str, str]], rows: list[dict], wher
     }
 
 
-def _open_world(bundle, verdicts, yt, poison, unseen_rows) -> dict:
+def _open_world(bundle, verdicts, yt, poison, unseen_rows, genera_in_training=()) -> dict:
     """Unseen-species figures (Wilson intervals), only when the source has other-pool photos."""
     if not unseen_rows:
         return {}
@@ -208,6 +217,8 @@ def _open_world(bundle, verdicts, yt, poison, unseen_rows) -> dict:
         "unseen_species_over_5pct": sorted(s for s, (k, n) in per.items() if n >= 5 and k / n > 0.05),
         "edible_coverage": rate(int((edible_answer & ~known_poison).sum()), int((~known_poison).sum())),
         "poisonous_as_edible": rate(int((edible_answer & known_poison).sum()), int(known_poison.sum())),
+        # A reader of the figures must see that a whole family of look-alikes is absent from them.
+        **({"genera_in_training": sorted(genera_in_training)} if genera_in_training else {}),
     }}
 
 
@@ -339,6 +350,9 @@ def write_report(result: dict, folder: Path) -> Path:
             f"| known edible answered EDIBLE (coverage) | {_rate_text(ow_['edible_coverage'])} |",
             f"| known poisonous answered EDIBLE | {_rate_text(ow_['poisonous_as_edible'])} |",
         ]
+        if ow_.get("genera_in_training"):
+            lines.append(f"| genera absent from the unseen species (all in training) | "
+                         f"{', '.join(ow_['genera_in_training'])} |")
         if plot_risk_coverage(result, folder, Path(b["path"])):
             lines += ["", "![risk-coverage](risk_coverage.png)", "", "Data: `risk_coverage.csv`."]
     lines += ["", "## Per class", "", "| class | precision | recall | F1 | photos |", "|---|---|---|---|---|"]
@@ -399,6 +413,8 @@ def print_result(result: dict) -> None:
         w = ow_["worst_unseen_species"]
         t.add_row("worst unseen species", f"{w['species']}: {w['count']}/{w['n']}")
         t.add_row("edible coverage (95% CI)", _rate_text(ow_["edible_coverage"]))
+        if ow_.get("genera_in_training"):
+            t.add_row("not among the unseen species", f"{len(ow_['genera_in_training'])} genera, all in training")
     out.print(t)
     pc = Table(title="per class")
     for col in ("class", "precision", "recall", "F1", "photos"):
