@@ -76,6 +76,14 @@ class Thresholds:
     # EDIBLE also needs the poisonous mass this far under poisonous_max_mass: the CPUs' mass differs too.
     mass_margin: float = 0.0
 
+    @property
+    def ood_limit(self) -> float | None:
+        """The highest unknown-species score that still counts as familiar: ood_max_score less the
+        cross-architecture margin (None when the bundle has no score). device.verdict decides with it."""
+        if self.ood_max_score is None:
+            return None
+        return self.ood_max_score - max(0.0, float(self.ood_margin))
+
     @classmethod
     def from_dict(cls, d: Any) -> "Thresholds":
         if d is None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from device.errors import MushcamError
+from device.bundle import Thresholds
+from device.errors import BundleError, MushcamError
 
 log = logging.getLogger("mushcam.review")
 
@@ -81,12 +82,12 @@ def _pct(p) -> str:
 
 def _ood_line(record: dict) -> str:
     score = record.get("ood_score")
-    thresholds = record.get("thresholds") or {}
-    limit = thresholds.get("ood_max_score")
-    if limit is not None:
-        # The device calls a photo unfamiliar above ood_max_score - ood_margin (device.verdict): the raw limit
-        # would show "familiar" for a score the device rejected, the cross-architecture margin's band.
-        limit -= max(0.0, float(thresholds.get("ood_margin") or 0.0))
+    # The limit the device decided at (margin included): the raw ood_max_score would show "familiar" for a
+    # score the device rejected. A record whose thresholds no longer parse still shows its score.
+    try:
+        limit = Thresholds.from_dict(record.get("thresholds")).ood_limit
+    except BundleError:
+        limit = None
     if score is None:
         return "no unknown-species score" if limit is not None else "the model has no unknown-species score"
     if limit is None:

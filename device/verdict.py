@@ -3,7 +3,7 @@
 EDIBLE needs every one of: a top label whose role is `edible`, confidence at or above
 `edible_min_confidence + confidence_margin`, at most `poisonous_max_mass - mass_margin` probability on all
 labels that are not edible together (poisonous and `other`), and (when the bundle has one) an
-unknown-species score at or under `ood_max_score - ood_margin`. POISONOUS needs a poisonous top label with at
+unknown-species score at or under `ood_max_score - ood_margin` (`Thresholds.ood_limit`). POISONOUS needs a poisonous top label with at
 least `poisonous_min_confidence + confidence_margin` and a familiar-looking image (same ood margin: a
 poisonous guess on something unlike the training data is UNSURE: it is still a guess). A top label of role
 `other` ("not one of the known species") is always UNSURE. Everything else, including any malformed input,
@@ -86,14 +86,13 @@ def decide(
         return _unsure("not a species it knows", label, conf, mass, ood_score)
     # Margins only ever make a verdict harder to reach (negative ones are refused at bundle load; clamp anyway).
     conf_margin = max(0.0, float(thresholds.confidence_margin))
-    ood_margin = max(0.0, float(thresholds.ood_margin))
     mass_margin = max(0.0, float(thresholds.mass_margin))
     ood_ok = True
     ood_note = ""
     if thresholds.ood_max_score is not None:
         if ood_score is None or not math.isfinite(ood_score):
             ood_ok, ood_note = False, "no unknown-species score"
-        elif ood_score > thresholds.ood_max_score - ood_margin:
+        elif ood_score > thresholds.ood_limit:
             ood_ok, ood_note = False, "unlike the species it knows"
     if not poisonous[top]:
         if not ood_ok:

@@ -116,3 +116,13 @@ def test_the_unknown_species_limit_is_the_one_the_device_decides_at(tmp_path):
     (press / "result.json").write_text(json.dumps(record))
     page = render_review(tmp_path / "captures")
     assert "0.400 (limit 0.397: unlike the training species)" in page
+
+
+def test_a_record_with_unreadable_thresholds_still_shows_its_score(tmp_path):
+    press = tmp_path / "captures" / "20261206-035301-000000001-UNSURE"
+    press.mkdir(parents=True)
+    record = {"verdict": "UNSURE", "ood_score": 0.40, "press_id": press.name,
+              "thresholds": {"ood_max_score": 0.415, "a_future_key": 1}}
+    (press / "result.json").write_text(json.dumps(record))
+    page = render_review(tmp_path / "captures")
+    assert "unknown-species score: 0.400" in page and "limit" not in page.split("unknown-species score: 0.400")[1][:20]
