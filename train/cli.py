@@ -311,7 +311,7 @@ def _evaluate_aarch64(bundle: Path, source: Path, split: str, as_json: bool, rec
     from train.dataset import IMAGE_SUFFIXES
 
     b = load_bundle(bundle)
-    items, where = ev.collect(source, list(b.labels), split)
+    items, where, genera = ev.collect(source, list(b.labels), split)
     extra: list[Path] = []
     if unseen is not None:
         every = sorted(p for p in unseen.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -325,7 +325,6 @@ def _evaluate_aarch64(bundle: Path, source: Path, split: str, as_json: bool, rec
     console.note(f"classifying {len(paths)} photos in the arm64 root (emulated: slow)")
     arm = ar.classify_in_pi_root(bundle, paths)
     t2 = time.perf_counter()
-    genera = ev.trained_genera(source)
     results = {"x86_64": ev.summarize(b, items, x86[:len(items)], where, t1 - t0, genera),
                "aarch64": ev.summarize(b, items, arm[:len(items)], where + ", aarch64 (emulated)", t2 - t1, genera)}
     if rows_out is not None:

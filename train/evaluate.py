@@ -38,15 +38,19 @@ from train.metrics import safety_figures
 VERDICTS = ("EDIBLE", "POISONOUS", "UNSURE")
 
 
-def collect(source: Path, labels: list[str], split: str) -> tuple[list[tuple[Path, str, str]], str]:
-    """(path, true label, species) triples from a WORK dir's manifest split or a folder-per-class DATA_DIR.
+def collect(source: Path, labels: list[str], split: str) -> tuple[list[tuple[Path, str, str]], str, list[str]]:
+    """(path, true label, species) triples from a WORK dir's manifest split or a folder-per-class DATA_DIR,
+    where they came from, and the genera of the other pool put wholly in training (`prepare
+    --other-train-genus`): no unseen species of the split is of them, so its figures say nothing about them.
 
     Photos of the other pool have label `other` (whether or not the bundle has that class) and their
     species; known photos have their label as species.
     """
     source = Path(source)
+    genera: list[str] = []
     if (source / MANIFEST).is_file():
         manifest = Manifest.load(source)
+        genera = list(manifest.other_train_genera)
         items = [(manifest.abspath(r), r.label, manifest.species(r)) for r in manifest.records(split)]
         if not items:
             raise DataError(f"{source}: the manifest has no images in split {split!r} (try --split val)")
@@ -66,14 +70,7 @@ def collect(source: Path, labels: list[str], split: str) -> tuple[list[tuple[Pat
     missing = sorted({lab for _, lab, _ in items} - set(labels) - {OTHER})
     if missing:
         raise DataError(f"{source}: label(s) {', '.join(missing)} are not in the bundle; it was trained on other classes")
-    return items, where
-
-
-def trained_genera(source: Path) -> list[str]:
-    """Genera of the other pool put wholly in training (`prepare --other-train-genus`) for a WORK dir; none
-    of its val or test unseen species is of those genera, so its unseen figures say nothing about them."""
-    source = Path(source)
-    return list(Manifest.load(source).other_train_genera) if (source / MANIFEST).is_file() else []
+    return items, where, genera
 
 
 def per_class_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict[str, dict]:
@@ -120,18 +117,18 @@ def evaluate(bundle_path: Path, source: Path, split: str = "test", threads: int 
 
     bundle = load_bundle(bundle_path)
     labels = list(bundle.labels)
-    items, where = collect(source, labels, split)
+    items, where, genera = collect(source, labels, split)
     t0 = time.perf_counter()
     if rows is None:
         rows = classify_rows(bundle, [p for p, _, _ in items], threads)
-    return summarize(bundle, items, rows, where, time.perf_counter() - t0, trained_genera(source))
+    return summarize(bundle, items, rows, where, time.perf_counter() - t0, genera)
 
 
 def summarize(bundle, items: list[tuple[Path, str, str]], rows: list[dict], where: str, seconds: float,
               genera_in_training: list[str] = ()) -> dict:
     """The figures of per-photo rows (`classify_rows`, or the same rows from the arm64 root) against their
     true labels; photos of the other pool (label `other`) are the unseen species (`genera_in_training`:
-    `trained_genera` of the source, said with them)."""
+    from `collect`, said with them)."""
     labels = list(bundle.labels)
     if len(rows) != len(items):
         raise DataError(f"{where}: {len(rows)} results for {len(items)} photos")
