@@ -53,7 +53,7 @@ model: $(VENV)/.test check-shared
 	bash train/make_model.sh $(SHARED) $(WORK) $(MODEL)
 
 # Leave-one-species-out folds of the recipe `make model` uses (4 folds: 23 min for the four of the shipped
-# recipe on a quiet machine, 2026-12-05; 12 min a fold with other jobs on the cores; reuses folds already
+# recipe on a quiet machine, 2026-12-05; 12 min a fold with other jobs on the cores; reuses folds (of the same recipe) already
 # trained in $(WORK)-loso), then the shipped bundle is
 # exported again from $(WORK) with the folds as calibration evidence (so run `make model` first).
 loso: $(VENV)/.test check-shared

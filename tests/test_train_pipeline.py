@@ -650,3 +650,21 @@ def test_evaluate_says_which_genera_are_absent_from_the_unseen_species(open_worl
     # Without the option nothing is said (the fixture's own WORK dir).
     js = invoke("evaluate", open_world["bundle"], open_world["work"], "--split", "test", "--json")
     assert "genera_in_training" not in json.loads(js.stdout[js.stdout.index("{"):])["open_world"]
+
+
+def test_loso_reuses_a_fold_fit_only_when_it_is_this_recipes(chain, tmp_path):
+    """--reuse-fits keeps a fold trained with the same recipe, and refits one trained at another input size."""
+    manifest = json.loads((chain["work"] / "manifest.json").read_text())
+    held = next(c for c in manifest["labels"] if manifest["classes"][c]["edibility"] == "poisonous")
+    common = ("--holdout", held, "--weights", "none", "--epochs", "1", "--fine-tune-epochs", "0",
+              "--feature-copies", "1", "--calibration", "8", "--reuse-fits")
+    fit_json = tmp_path / "loso" / f"without-{held}" / "fit.json"
+    assert invoke("loso", chain["work"], "--out", tmp_path / "loso", "--size", "32", *common).exit_code == 0
+    first = fit_json.read_bytes()
+    same = invoke("loso", chain["work"], "--out", tmp_path / "loso", "--size", "32", *common)
+    assert same.exit_code == 0, same.output
+    assert fit_json.read_bytes() == first and "refitting" not in same.output
+    other = invoke("loso", chain["work"], "--out", tmp_path / "loso", "--size", "40", *common)
+    assert other.exit_code == 0, other.output
+    assert "refitting" in other.output and "size was 32" in other.output
+    assert json.loads(fit_json.read_text())["hparams"]["size"] == 40

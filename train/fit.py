@@ -345,7 +345,7 @@ def fit(work: Path, hp: HParams) -> FitResult:
     info = {
         "hparams": {**hp.to_dict(), "size": size, "batch_size": batch},
         "backbone": spec.name,
-        "weights": _weights_label(hp.weights),
+        "weights": weights_label(hp.weights),
         "labels": manifest.labels,
         "input": spec.input_dict(size),
         "counts": {"train": len(train_recs), "val": len(val_recs), "test": len(manifest.records("test"))},
@@ -364,7 +364,7 @@ def fit(work: Path, hp: HParams) -> FitResult:
     return FitResult(model_path, info_path, curves, best.stage, best.epoch, best.loss, best.accuracy, seconds["total"])
 
 
-def _weights_label(weights: str) -> str:
+def weights_label(weights: str) -> str:
     """How the card names the initial weights: imagenet, none, or the file's name and sha256 prefix."""
     if weights.lower() in ("imagenet", "none"):
         return weights.lower()

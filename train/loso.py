@@ -19,10 +19,12 @@ import numpy as np
 from device.bundle import load_bundle, write_json_atomic
 from device.classifier import Classifier
 from device.errors import DataError
-from train.dataset import OTHER
+from train import console
+from train.dataset import OTHER, sha256_of
 from train.export import ExportOptions, export as run_export
-from train.fit import MODEL_FILE, fit as run_fit
+from train.fit import FIT_INFO, MODEL_FILE, weights_label, fit as run_fit
 from train.hparams import HParams
+from train.model_spec import SPECS
 
 
 def fold_manifest(manifest: dict, held: str) -> dict:
@@ -46,6 +48,37 @@ def _records(clf: Classifier, paths: list[Path]) -> list[dict]:
     return out
 
 
+def stale_fit(fold: Path, hp: HParams) -> str | None:
+    """Why the fit already in FOLD is not this recipe's (None: it is, and may be reused).
+
+    `--reuse-fits` must not pass off a fold trained with other hyper-parameters (another input size,
+    epochs, seed) or on another split as this recipe's: its held-out figures would calibrate the new
+    model's thresholds.
+    """
+    if not (fold / MODEL_FILE).is_file():
+        return "no fit yet"
+    try:
+        info = json.loads((fold / FIT_INFO).read_text())
+        done = dict(info["hparams"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {FIT_INFO}"
+    if info.get("manifest_sha256") != sha256_of(fold / "manifest.json"):
+        return "it was trained on another split"
+    want = {**hp.to_dict(), "size": int(hp.size or SPECS[hp.backbone].default_size)}
+    for key, value in want.items():
+        if key == "weights":
+            # The path may differ between runs; the file's name and hash are what count.
+            if info.get("weights") != weights_label(str(value)):
+                return f"its weights were {info.get('weights')}"
+        elif key == "batch_size":
+            # fit lowers the batch to the number of training photos on a tiny set.
+            if not (done.get(key) == value or (isinstance(done.get(key), int) and done[key] < value)):
+                return f"its batch_size was {done.get(key)}"
+        elif done.get(key) != value:
+            return f"its {key} was {done.get(key)!r}, this recipe's is {value!r}"
+    return None
+
+
 def run_fold(work: Path, manifest: dict, held: str, out: Path, hp: HParams, opts: ExportOptions,
              reuse_fit: bool = False) -> dict:
     """Train and export without `held`, then classify every photo of `held` and the fold's val photos."""
@@ -53,7 +86,10 @@ def run_fold(work: Path, manifest: dict, held: str, out: Path, hp: HParams, opts
     fold.mkdir(parents=True, exist_ok=True)
     write_json_atomic(fold / "manifest.json", fold_manifest(manifest, held))
     t0 = time.monotonic()
-    if not (reuse_fit and (fold / MODEL_FILE).is_file()):
+    why = stale_fit(fold, hp) if reuse_fit else "not asked to reuse"
+    if why is not None:
+        if reuse_fit and why != "no fit yet":
+            console.note(f"{fold.name}: refitting, the fit there is not this recipe's ({why})")
         run_fit(fold, hp)
     res = run_export(fold, replace(opts, out=fold / "bundle", force=True, name=f"loso-without-{held}"))
     bundle = load_bundle(fold / "bundle")
