@@ -14,7 +14,7 @@ help:
 	@echo "            Debian packages the tests use: sshd, rsync, shellcheck, systemd, chromium, tmux)"
 	@echo "make pi-check  install and run the device in an emulated Debian 12 arm64 root; compare with x86 (root)"
 	@echo "make model  retrain the shipped model from $(SHARED)/data/mushrooms + fungi-other (see docs/training.md for times)"
-	@echo "make loso   leave-one-species-out folds for that recipe (4, about 6 min each on a quiet machine), then re-export with them"
+	@echo "make loso   leave-one-species-out folds for that recipe (4, about 8 min each on a quiet machine), then re-export with them"
 
 # The device install: no TensorFlow, what a Pi gets.
 $(VENV)/.device: pyproject.toml
@@ -52,13 +52,13 @@ check-shared:
 model: $(VENV)/.test check-shared
 	bash train/make_model.sh $(SHARED) $(WORK) $(MODEL)
 
-# Leave-one-species-out folds of the recipe `make model` uses (4 folds: 23 min for the four of the shipped
-# recipe on a quiet machine, 2026-12-05; 12 min a fold with other jobs on the cores; reuses folds (of the same recipe) already
+# Leave-one-species-out folds of the recipe `make model` uses (4 folds: 33 min for the four at 288 px on a
+# quiet machine, 2026-12-06; 23 min at 224 px; 12 min a 224 px fold with other jobs on the cores; reuses folds (of the same recipe) already
 # trained in $(WORK)-loso), then the shipped bundle is
 # exported again from $(WORK) with the folds as calibration evidence (so run `make model` first).
 loso: $(VENV)/.test check-shared
 	$(BIN)/mushcam-train loso $(WORK) --out $(WORK)-loso --weights $(SHARED)/weights/mobilenet_v2_1.0_224_no_top.weights.h5 \
-	  --calibration 1000 --ood-method knn --fine-tune-epochs 6 --feature-copies 4 --reuse-fits
+	  --size 288 --calibration 1000 --ood-method knn --fine-tune-epochs 6 --feature-copies 4 --reuse-fits
 	FROM=export LOSO=$(WORK)-loso bash train/make_model.sh $(SHARED) $(WORK) $(MODEL)
 
 clean:
