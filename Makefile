@@ -13,8 +13,10 @@ help:
 	@echo "make test   run the test suite (installs the training extra: TensorFlow, about 600 MB, and the"
 	@echo "            Debian packages the tests use: sshd, rsync, shellcheck, systemd, chromium, tmux)"
 	@echo "make pi-check  install and run the device in an emulated Debian 12 arm64 root; compare with x86 (root)"
-	@echo "make model  retrain the shipped model from $(SHARED)/data/mushrooms + fungi-other (see docs/training.md for times)"
-	@echo "make loso   leave-one-species-out folds for that recipe (4, about 8 min each on a quiet machine), then re-export with them"
+	@echo "make model  retrain the shipped recipe from $(SHARED)/data/mushrooms + fungi-other; without folds the bundle goes"
+	@echo "            to $(WORK)/bundle, not $(MODEL) (see docs/training.md for times)"
+	@echo "make loso   leave-one-species-out folds for that recipe (4, 8-17 min each: docs/training.md), then export"
+	@echo "            with them into $(MODEL)"
 
 # The device install: no TensorFlow, what a Pi gets.
 $(VENV)/.device: pyproject.toml

@@ -87,3 +87,20 @@ def _th(edible: float, ood: float | None = None):
     from device.bundle import Thresholds
 
     return Thresholds(**{**BASE, "edible_min_confidence": edible, "ood_max_score": ood})
+
+
+def test_fold_downgrade_refuses_only_when_folds_would_be_lost(tmp_path):
+    from device.errors import ExportGateError
+    from train.export import ExportOptions, fold_downgrade
+
+    folded = {"calibration": {"leave_one_species_out": {"photos": 1193}}}
+    opts = ExportOptions(out=tmp_path)
+    with pytest.raises(ExportGateError, match="leave-one-species-out folds"):
+        fold_downgrade(folded, tmp_path, opts, "or else")
+    # Nothing to lose: no card, a card without folds, a damaged calibration, or this run has folds too.
+    for card in (None, {}, {"calibration": {}}, {"calibration": "x"}, {"calibration": {"leave_one_species_out": {}}}):
+        assert fold_downgrade(card, tmp_path, opts, "or else") is None
+    assert fold_downgrade(folded, tmp_path, ExportOptions(out=tmp_path, loso=tmp_path), "or else") is None
+    # --force writes it, and the note says what was given up.
+    note = fold_downgrade(folded, tmp_path, ExportOptions(out=tmp_path, force=True), "or else")
+    assert note.startswith("forced: ") and "val species alone" in note

@@ -157,6 +157,27 @@ def test_export_refuses_to_replace_a_folder_that_is_not_a_bundle(chain, tmp_path
     assert (precious / "holiday.jpg").read_bytes() == b"not ours"
 
 
+def test_export_keeps_a_bundle_calibrated_on_folds_from_a_val_only_export(chain, tmp_path):
+    """A bundle whose card was calibrated on leave-one-species-out folds is not replaced by an export without
+    them (its thresholds would come from the val species alone); --force does, and says so."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(chain["bundle"], bundle)
+    card = json.loads((bundle / "model.json").read_text())
+    card["calibration"] = {**(card.get("calibration") or {}), "leave_one_species_out": {"photos": 1193}}
+    (bundle / "model.json").write_text(json.dumps(card))
+    before = tree_digest(bundle)
+    result = invoke("export", chain["work"], "--out", bundle, "--calibration", "8")
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert "leave-one-species-out folds" in line and "--loso" in line and "not replaced" in line
+    assert tree_digest(bundle) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # refused before any staging
+    result = invoke("export", chain["work"], "--out", bundle, "--calibration", "8", "--samples", "0", "--force")
+    assert result.exit_code == 0, result.output
+    assert "warning: forced: " in result.stderr and "leave-one-species-out folds" in result.stderr
+    assert "leave_one_species_out" not in (load_bundle(bundle).card.get("calibration") or {})
+
+
 def test_evaluate_work_split_json_and_report(chain, tmp_path):
     result = invoke("evaluate", chain["bundle"], chain["work"], "--json", "--report", tmp_path / "rep")
     assert result.exit_code == 0, result.output
@@ -627,7 +648,13 @@ def test_recalibrate_reproduces_the_export_then_tightens_with_folds_keeping_the_
     assert kc["calibration"]["folds_refitted"]["photos"] == lo["photos"]
     assert "thresholds kept" in keep.stdout and "re-run" not in keep.stdout
     kept = (bundle / "model.json").read_bytes()
-    same_version = invoke("recalibrate", bundle, open_world["work"], *same, "--version", kc["version"])
+    # Thresholds chosen again without the folds the card was calibrated on: refused in one line (the val
+    # species alone let an unseen look-alike through), the bundle as it was.
+    val_only = invoke("recalibrate", bundle, open_world["work"], *same)
+    assert val_only.exit_code == 1 and "leave-one-species-out folds" in error_line(val_only)
+    assert "--loso" in error_line(val_only) and (bundle / "model.json").read_bytes() == kept
+    same_version = invoke("recalibrate", bundle, open_world["work"], *same, "--loso", open_world_loso,
+                          "--version", kc["version"])
     assert same_version.exit_code == 1 and "needs a new one" in error_line(same_version)
     assert (bundle / "model.json").read_bytes() == kept
 

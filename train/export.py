@@ -371,6 +371,37 @@ def _check_out(out: Path) -> None:
             raise BundleError(f"{out}: exists and is not a model bundle; refusing to replace it (choose another --out)")
 
 
+def fold_downgrade(card: object, where: Path, opts: ExportOptions, instead: str) -> str | None:
+    """Refuse to replace thresholds calibrated on leave-one-species-out folds with ones chosen without them.
+
+    The val species alone let an unseen look-alike through: on the shared pool, `make model` without folds
+    chose a point that answered 1/179 known poisonous test photos EDIBLE where the fold-calibrated bundle
+    answers 0/179 (docs/training.md), and a user re-running one command would not see the difference.
+    Returns the note a forced run records, None when nothing is lost; raises ExportGateError otherwise.
+    """
+    if opts.loso is not None or not isinstance(card, dict):
+        return None
+    calibration = card.get("calibration")
+    if not isinstance(calibration, dict) or not calibration.get("leave_one_species_out"):
+        return None
+    message = (f"{where} was calibrated on leave-one-species-out folds too and these thresholds would come from "
+               f"the val species alone (less safe on an unseen look-alike); not replaced. Pass --loso FOLDS "
+               f"(`make loso` makes them), {instead}")
+    if not opts.force:
+        raise ExportGateError(message)
+    return "forced: " + message
+
+
+def _card_at(out: Path) -> object:
+    """The card of the bundle at `out`, or None when there is none to read (nothing there to protect)."""
+    import json
+
+    try:
+        return json.loads((out / "model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def install(stage: Path, out: Path) -> None:
     """Move the complete bundle `stage` to `out`, replacing an old bundle only after the new one is in place."""
     if not out.exists():
@@ -644,6 +675,8 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
     t0 = time.perf_counter()
     work, out = Path(work), Path(opts.out).absolute()
     _check_out(out)
+    # Before the conversion (minutes): refuse now rather than after the work.
+    forced_fold_note = fold_downgrade(_card_at(out), out, opts, "write to another --out, or --force")
     if opts.calibration < 1:
         raise DataError("--calibration must be >= 1")
     manifest = Manifest.load(work)
@@ -721,7 +754,7 @@ def export(work: Path, opts: ExportOptions) -> ExportResult:
         probs_test, emb_test, _ = (device_scores(classifier, recorder, [manifest.abspath(r) for r in test_recs],
                                                  "int8 test (device)") if test_recs else (None, None, None))
         int8_top1 = float(np.mean(np.argmax(probs_val, axis=1) == y_val))
-        notes: list[str] = []
+        notes: list[str] = [forced_fold_note] if forced_fold_note else []
 
         # Float Keras on every photo not used for quantization calibration: the gate's sample.
         calib_paths = {r.path for r in calib_recs}
@@ -1064,6 +1097,8 @@ def recalibrate(bundle_path: Path, work: Path, opts: ExportOptions) -> dict:
     roles = {lab: b.classes[lab].kind for lab in labels}
     if OTHER not in roles or roles[OTHER] != "other" or not manifest.other_species("val"):
         raise DataError(f"{bundle_path}: recalibrate needs an open-world bundle and split (prepare --other)")
+    if not opts.keep_thresholds:
+        fold_downgrade(card, bundle_path, opts, "or --keep-thresholds")
     th_now = b.thresholds
     opts.confidence_margin, opts.ood_margin, opts.mass_margin = (
         th_now.confidence_margin, th_now.ood_margin, th_now.mass_margin)
