@@ -13,10 +13,10 @@ help:
 	@echo "make test   run the test suite (installs the training extra: TensorFlow, about 600 MB, and the"
 	@echo "            Debian packages the tests use: sshd, rsync, shellcheck, systemd, chromium, tmux)"
 	@echo "make pi-check  install and run the device in an emulated Debian 12 arm64 root; compare with x86 (root)"
-	@echo "make model  retrain the shipped recipe from $(SHARED)/data/mushrooms + fungi-other; without folds the bundle goes"
-	@echo "            to $(WORK)/bundle, not $(MODEL) (see docs/training.md for times)"
+	@echo "make model  rebuild $(MODEL) from $(SHARED)/data/mushrooms + fungi-other, calibrated on the folds'"
+	@echo "            evidence in train/shared-pool-folds.json (see docs/training.md for times)"
 	@echo "make loso   leave-one-species-out folds for that recipe (4, 8-17 min each: docs/training.md), then export"
-	@echo "            with them into $(MODEL)"
+	@echo "            with them into $(MODEL) and rewrite train/shared-pool-folds.json"
 
 # The device install: no TensorFlow, what a Pi gets.
 $(VENV)/.device: pyproject.toml

@@ -19,7 +19,7 @@ fi
 """
 
 
-def run_script(tmp_path: Path, with_folds: bool) -> tuple[subprocess.CompletedProcess, list[str]]:
+def run_script(tmp_path: Path, with_folds: bool, folds_file: bool = False) -> tuple[subprocess.CompletedProcess, list[str]]:
     shared, work, model, docs = tmp_path / "shared", tmp_path / "work", tmp_path / "models" / "m", tmp_path / "docs"
     for f in ("data/mushrooms/edibility.csv", "data/fungi-other/species.csv",
               "weights/mobilenet_v2_1.0_224_no_top.weights.h5"):
@@ -28,6 +28,9 @@ def run_script(tmp_path: Path, with_folds: bool) -> tuple[subprocess.CompletedPr
     if with_folds:
         (tmp_path / "work-loso" / "without-x").mkdir(parents=True)
         (tmp_path / "work-loso" / "without-x" / "loso.json").write_text("{}")
+    if folds_file:
+        (tmp_path / "train").mkdir()
+        (tmp_path / "train" / "shared-pool-folds.json").write_text("{}")
     fake = tmp_path / ".venv" / "bin" / "mushcam-train"
     fake.parent.mkdir(parents=True)
     fake.write_text(FAKE)
@@ -35,6 +38,7 @@ def run_script(tmp_path: Path, with_folds: bool) -> tuple[subprocess.CompletedPr
     log = tmp_path / "calls.log"
     env = {**os.environ, "LOG": str(log), "DOCS": str(docs)}
     env.pop("LOSO", None)
+    env.pop("FOLDS", None)
     result = subprocess.run(["bash", str(REPO / "train" / "make_model.sh"), str(shared), str(work), str(model)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     return result, log.read_text().splitlines() if log.exists() else []
@@ -51,11 +55,25 @@ def test_without_folds_the_val_only_bundle_never_replaces_the_model_or_the_docs(
     assert not (tmp_path / "docs").exists()
 
 
-def test_with_folds_the_model_is_exported_with_them_and_the_docs_follow(tmp_path):
+def test_with_folds_the_model_is_exported_with_them_the_docs_follow_and_their_evidence_is_kept(tmp_path):
     result, calls = run_script(tmp_path, with_folds=True)
     assert result.returncode == 0, result.stderr
-    export, evaluate = calls[2].split(), calls[3].split()
+    assert [c.split()[0] for c in calls] == ["prepare", "fit", "export", "evaluate", "folds"]
+    export, evaluate, folds = calls[2].split(), calls[3].split(), calls[4].split()
     assert export[export.index("--out") + 1] == str(tmp_path / "models" / "m")
     assert export[export.index("--loso") + 1] == str(tmp_path / "work-loso")
     assert evaluate[1] == str(tmp_path / "models" / "m")
+    assert (tmp_path / "docs" / "figures" / "loso_risk_coverage.png").exists()
+    # The folds' evidence goes to the file the next `make model` (a machine without the folds) reads.
+    assert folds[1:] == [str(tmp_path / "work-loso"), str(tmp_path / "work"), "--out", "train/shared-pool-folds.json"]
+
+
+def test_without_the_folds_folder_the_evidence_file_calibrates_the_model(tmp_path):
+    result, calls = run_script(tmp_path, with_folds=False, folds_file=True)
+    assert result.returncode == 0, result.stderr
+    assert [c.split()[0] for c in calls] == ["prepare", "fit", "export", "evaluate"]
+    export = calls[2].split()
+    assert export[export.index("--out") + 1] == str(tmp_path / "models" / "m")
+    assert export[export.index("--loso") + 1] == "train/shared-pool-folds.json"
+    assert "fold evidence in train/shared-pool-folds.json" in result.stderr
     assert (tmp_path / "docs" / "figures" / "loso_risk_coverage.png").exists()

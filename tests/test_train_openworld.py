@@ -291,6 +291,52 @@ def test_load_held_reads_the_folds_and_refuses_another_split_or_inconsistent_rec
         load_held(tmp_path / "empty", m)
 
 
+def test_fold_evidence_file_gives_what_the_folds_folder_gives_and_only_for_its_split(tmp_path):
+    """`mushcam-train folds` writes one file from a folds folder; export --loso reads it as it reads the
+    folder (make model calibrates with it without refitting the folds), for the same split only."""
+    import json
+
+    from device.errors import DataError
+    from train.loso import evidence, load_held
+
+    th = {"edible_min_confidence": 0.9, "poisonous_max_mass": 0.1, "poisonous_min_confidence": 0.5,
+          "ood_max_score": 0.5, "confidence_margin": 0.02, "ood_margin": 0.015}
+    recs = [{"path": "/data/pois/p0.jpg", "verdict": "EDIBLE", "label": "ed", "confidence": 0.95,
+             "poisonous_mass": 0.05, "ood_score": 0.4},
+            {"path": "/data/pois/p1.jpg", "verdict": "UNSURE", "label": "other", "confidence": 0.99,
+             "poisonous_mass": 0.99, "ood_score": None}]
+    m = _manifest()
+    loso = _loso_dir(tmp_path, m, "pois", recs, th)
+    doc = evidence(loso, m)
+    assert [r["photo"] for r in doc["folds"][0]["held_records"]] == ["pois/p0.jpg", "pois/p1.jpg"]
+    assert "/data" not in json.dumps(doc)  # no machine's folders in a committed file
+    f = tmp_path / "folds.json"
+    f.write_text(json.dumps(doc))
+    (h1, folds1), (h2, folds2) = load_held(loso, m), load_held(f, m)
+    for name in ("fold", "top_edible", "conf", "mass", "ood"):
+        np.testing.assert_array_equal(getattr(h1, name), getattr(h2, name))
+    assert folds1 == folds2
+    # Another split (one photo on another side): refused, as the folder is.
+    other_split = json.loads(json.dumps(m))
+    other_split["images"][0]["split"] = "val"
+    with pytest.raises(DataError, match="another split"):
+        load_held(f, other_split)
+    # An edited verdict, a missing field, not this format: each refused in one line.
+    bad = json.loads(json.dumps(doc))
+    bad["folds"][0]["held_records"][1]["verdict"] = "EDIBLE"
+    f.write_text(json.dumps(bad))
+    with pytest.raises(DataError, match="1 recorded verdicts"):
+        load_held(f, m)
+    del bad["folds"][0]["thresholds"]
+    f.write_text(json.dumps(bad))
+    with pytest.raises(DataError, match="lacks 'thresholds'"):
+        load_held(f, m)
+    for text in ("{}", "not json", json.dumps({**doc, "format": "other/1"})):
+        f.write_text(text)
+        with pytest.raises(DataError, match="not a fold evidence file"):
+            load_held(f, m)
+
+
 def test_calibration_ranks_points_by_the_coverage_the_device_will_have_after_the_margins():
     # 10 edible photos at confidence 0.985 but unfamiliar-looking (ood 0.3), 6 at 0.95 and familiar (0.1),
     # 20 unseen photos at 0.98 with ood 0.25 (non-edible mass 0.02: the smallest mass cap keeps them).

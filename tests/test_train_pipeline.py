@@ -659,6 +659,27 @@ def test_recalibrate_reproduces_the_export_then_tightens_with_folds_keeping_the_
     assert (bundle / "model.json").read_bytes() == kept
 
 
+def test_folds_file_calibrates_as_the_folds_folder_does(open_world, open_world_loso, tmp_path):
+    """`folds` writes the folds' evidence to one file; recalibrate --loso FILE picks the same point as
+    --loso FOLDER (what make model relies on when the folds are not on the machine)."""
+    evidence = tmp_path / "folds.json"
+    out = invoke("folds", open_world_loso, open_world["work"], "--out", evidence)
+    assert out.exit_code == 0, out.output
+    assert json.loads(evidence.read_text())["format"] == "mushcam-fold-evidence/1" and "held-out photos" in out.stdout
+    cards = []
+    for source in (open_world_loso, evidence):
+        bundle = tmp_path / f"b-{source.name}"
+        shutil.copytree(open_world["bundle"], bundle)
+        res = invoke("recalibrate", bundle, open_world["work"], "--loso", source, "--max-unseen-edible", "1",
+                     "--max-poison-edible", "1", "--min-edible-confidence", "0.5", "--max-held-edible", "0",
+                     "--max-held-fold-edible", "0")
+        assert res.exit_code == 0, res.output
+        cards.append(json.loads((bundle / "model.json").read_text()))
+    assert cards[0]["thresholds"] == cards[1]["thresholds"]
+    assert cards[0]["calibration"]["leave_one_species_out"]["leave_one_fold_out"] == \
+        cards[1]["calibration"]["leave_one_species_out"]["leave_one_fold_out"]
+
+
 def test_evaluate_says_which_genera_are_absent_from_the_unseen_species(open_world, tmp_path):
     """A WORK dir prepared with --other-train-genus has none of those genera among its unseen species: the
     figures say so, in the result, the console and the report (a reader would take 0 % for all fungi)."""

@@ -197,8 +197,8 @@ def export(
     mass_margin: Annotated[float, typer.Option(min=0, max=0.2, help="Written to thresholds.mass_margin: EDIBLE needs the non-edible mass this much under poisonous_max_mass (int8 jitter).")] = 0.0,
     margins_why: Annotated[Optional[str], typer.Option(help="Where the margins come from, for the card (default: the assumed jitter).")] = None,
     other_samples: Annotated[int, typer.Option(help="Other-pool test photos in samples/ (expected verdict UNSURE); 0 by default: the other pool's photos must not be redistributed.")] = 0,
-    loso: Annotated[Optional[Path], typer.Option(help="Leave-one-species-out folds of this split (`loso --out`): their held-out poisonous species are calibration evidence too.",
-                                                 exists=True, file_okay=False)] = None,
+    loso: Annotated[Optional[Path], typer.Option(help="Leave-one-species-out folds of this split (`loso --out`, or the file `folds` writes from it): their held-out poisonous species are calibration evidence too.",
+                                                 exists=True)] = None,
     max_held_edible: Annotated[float, typer.Option(min=0, max=1, help="With --loso: target share of all held-out photos answered EDIBLE.")] = 0.01,
     max_held_fold_edible: Annotated[float, typer.Option(min=0, max=1, help="With --loso: target share of each held-out species answered EDIBLE.")] = 0.05,
 ) -> None:
@@ -433,11 +433,30 @@ def loso(
 
 
 @app.command()
+def folds(
+    loso_dir: Annotated[Path, typer.Argument(help="Folds folder (`loso --out`).", exists=True, file_okay=False)],
+    work: Annotated[Path, typer.Argument(help="The WORK dir (split) the folds left one species out of.", exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The file to write (JSON; no photos, no models).")],
+) -> None:
+    """Write the folds' evidence (per-photo figures, thresholds, split id) to one file for export --loso."""
+    import json
+
+    from device.bundle import write_json_atomic
+    from train.loso import evidence
+
+    with _reported():
+        doc = evidence(loso_dir, json.loads((work / "manifest.json").read_text(encoding="utf-8")))
+        write_json_atomic(out, doc)
+        console.out.print(f"{out}: {sum(len(f['held_records']) for f in doc['folds'])} held-out photos of "
+                          f"{len(doc['folds'])} folds ({', '.join(f['held_out'] for f in doc['folds'])})", markup=False)
+
+
+@app.command()
 def recalibrate(
     bundle: Annotated[Path, typer.Argument(help="Open-world model bundle (export) to choose the thresholds of again.", exists=True, file_okay=False)],
     work: Annotated[Path, typer.Argument(help="The WORK dir (split) the bundle was trained and calibrated on.", exists=True, file_okay=False)],
-    loso: Annotated[Optional[Path], typer.Option(help="Leave-one-species-out folds of this split (`loso --out`): their held-out species are calibration evidence too.",
-                                                 exists=True, file_okay=False)] = None,
+    loso: Annotated[Optional[Path], typer.Option(help="Leave-one-species-out folds of this split (`loso --out`, or the file `folds` writes from it): their held-out species are calibration evidence too.",
+                                                 exists=True)] = None,
     max_unseen_edible: Annotated[float, typer.Option(min=0, max=1, help="Target: val unseen-species photos answered EDIBLE.")] = 0.01,
     max_poison_edible: Annotated[float, typer.Option(min=0, max=1, help="Target: known poisonous val photos answered EDIBLE.")] = 0.005,
     max_held_edible: Annotated[float, typer.Option(min=0, max=1, help="With --loso: target share of all held-out photos answered EDIBLE.")] = 0.01,

@@ -9,6 +9,7 @@ Never calibrates on the test split; the held-out photos are only measured.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, replace
@@ -171,50 +172,126 @@ FOLD_KEEP = ("held_out", "photos", "answered_edible", "answered_unsure", "answer
              "val_edible_coverage")
 
 
-def load_held(loso_dir: Path, manifest: dict):
-    """The folds already run in LOSO_DIR (`loso --out`) as calibration evidence for the shipped model.
+EVIDENCE_FORMAT = "mushcam-fold-evidence/1"
 
-    Returns (train.openworld.Held of every held-out photo, the folds' own figures at their own thresholds).
-    A fold counts only if it was trained on this very split: its manifest must hold exactly the photos
-    (path, label, split) of `manifest` minus its species, else a threshold would be calibrated on photos
-    the shipped model trained on. Each fold's recorded verdicts must also come out of the per-photo
-    figures at that fold's own thresholds (the records round them), or the fold is refused.
-    """
+
+def split_id(images: list[dict]) -> str:
+    """sha256 of a split's photos (path, label, side), in any order: what ties a fold to the split it left
+    one species out of, without the manifest itself."""
+    rows = sorted([im["path"], im["label"], im["split"]] for im in images)
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def _fold_part(held: str, records: list[dict], thresholds: dict, roles: dict, where: Path):
+    """One fold's train.openworld.Held; its recorded verdicts must follow from the recorded figures at the
+    fold's own thresholds (the records round them), else the fold is refused."""
     from device.bundle import Thresholds
     from train.openworld import Held, held_mask
 
-    loso_dir = Path(loso_dir)
+    h = Held(np.array([held] * len(records)), np.array([roles.get(x["label"]) == "edible" for x in records], dtype=bool),
+             np.array([x["confidence"] for x in records], dtype=np.float64),
+             np.array([x["poisonous_mass"] for x in records], dtype=np.float64),
+             np.array([np.nan if x["ood_score"] is None else x["ood_score"] for x in records], dtype=np.float64))
+    th = Thresholds(**{k: v for k, v in thresholds.items() if k in Thresholds.__dataclass_fields__})
+    recorded = np.array([x["verdict"] == "EDIBLE" for x in records], dtype=bool)
+    if not np.array_equal(held_mask(h, th), recorded):
+        raise DataError(f"{where}: {int((held_mask(h, th) != recorded).sum())} recorded verdicts of the {held} fold "
+                        "do not follow from the recorded figures at the fold's thresholds; re-run the fold")
+    return h
+
+
+def _stack(parts: list):
+    from train.openworld import Held
+
+    cat = lambda name: np.concatenate([getattr(h, name) for h in parts])  # noqa: E731
+    return Held(cat("fold"), cat("top_edible"), cat("conf"), cat("mass"), cat("ood"))
+
+
+def _fold_dirs(loso_dir: Path, manifest: dict):
+    """(held species, loso.json record, fold card) of every fold in LOSO_DIR trained on this very split."""
     files = sorted(loso_dir.glob("without-*/loso.json"))
     if not files:
         raise DataError(f"no leave-one-species-out folds in {loso_dir} (without-*/loso.json); run `make loso` "
                         "or mushcam-train loso first, or leave out --loso")
-    key = lambda im: (im["path"], im["label"], im["split"])  # noqa: E731
-    parts, folds = [], []
     for f in files:
         rec = json.loads(f.read_text())
         held = rec["held_out"]
-        fold_manifest_path = f.parent / "manifest.json"
-        want = {key(im) for im in manifest["images"] if im["label"] != held}
-        got = {key(im) for im in json.loads(fold_manifest_path.read_text())["images"]}
-        if held not in manifest["labels"] or want != got:
+        fold_images = json.loads((f.parent / "manifest.json").read_text())["images"]
+        want = [im for im in manifest["images"] if im["label"] != held]
+        if held not in manifest["labels"] or split_id(want) != split_id(fold_images):
+            differ = {(im["path"], im["label"], im["split"]) for im in want} ^ {
+                (im["path"], im["label"], im["split"]) for im in fold_images}
             raise DataError(f"{f.parent}: this fold was trained on a different split than {manifest.get('data_dir')} "
-                            f"({len(want ^ got)} photos differ); re-run the folds (make loso) for this manifest")
-        card = json.loads((f.parent / "bundle" / "model.json").read_text())
-        roles = {lab: c.get("role") or c["edibility"] for lab, c in card["classes"].items()}
-        r = rec["held_records"]
-        h = Held(np.array([held] * len(r)), np.array([roles.get(x["label"]) == "edible" for x in r], dtype=bool),
-                 np.array([x["confidence"] for x in r], dtype=np.float64),
-                 np.array([x["poisonous_mass"] for x in r], dtype=np.float64),
-                 np.array([np.nan if x["ood_score"] is None else x["ood_score"] for x in r], dtype=np.float64))
-        th = Thresholds(**{k: v for k, v in card["thresholds"].items() if k in Thresholds.__dataclass_fields__})
-        recorded = np.array([x["verdict"] == "EDIBLE" for x in r], dtype=bool)
-        if not np.array_equal(held_mask(h, th), recorded):
-            raise DataError(f"{f}: {int((held_mask(h, th) != recorded).sum())} recorded verdicts do not follow from "
-                            "the recorded figures at the fold's thresholds; re-run the fold")
-        parts.append(h)
+                            f"({len(differ)} photos differ); re-run the folds (make loso) for this manifest")
+        yield held, rec, json.loads((f.parent / "bundle" / "model.json").read_text()), f
+
+
+def _roles(card: dict) -> dict:
+    return {lab: c.get("role") or c["edibility"] for lab, c in card["classes"].items()}
+
+
+def load_held(loso: Path, manifest: dict):
+    """The folds (a `loso --out` folder, or the one file `mushcam-train folds` writes from it) as
+    calibration evidence for the shipped model.
+
+    Returns (train.openworld.Held of every held-out photo, the folds' own figures at their own thresholds).
+    A fold counts only if it was trained on this very split: the photos (path, label, split) of `manifest`
+    minus its species, else a threshold would be calibrated on photos the shipped model trained on. Each
+    fold's recorded verdicts must also come out of the per-photo figures at that fold's own thresholds.
+    """
+    loso = Path(loso)
+    if loso.is_file():
+        return _load_evidence(loso, manifest)
+    parts, folds = [], []
+    for held, rec, card, f in _fold_dirs(loso, manifest):
+        parts.append(_fold_part(held, rec["held_records"], card["thresholds"], _roles(card), f))
         folds.append({k: rec[k] for k in FOLD_KEEP if k in rec})
-    cat = lambda name: np.concatenate([getattr(h, name) for h in parts])  # noqa: E731
-    return Held(cat("fold"), cat("top_edible"), cat("conf"), cat("mass"), cat("ood")), folds
+    return _stack(parts), folds
+
+
+def evidence(loso_dir: Path, manifest: dict) -> dict:
+    """What export --loso reads from a folds folder, in one small JSON document (no photos, no models):
+    per fold its split id, thresholds, output roles, figures and per-photo records, so the shipped bundle
+    can be calibrated again (`make model`) without refitting the folds (`make loso`, about an hour)."""
+    folds = []
+    for held, rec, card, f in _fold_dirs(Path(loso_dir), manifest):
+        _fold_part(held, rec["held_records"], card["thresholds"], _roles(card), f)  # refuse an inconsistent fold
+        folds.append({
+            **{k: rec[k] for k in FOLD_KEEP if k in rec},
+            "split": split_id([im for im in manifest["images"] if im["label"] != held]),
+            "thresholds": card["thresholds"],
+            "roles": _roles(card),
+            # The photo by its last two path parts (species folder / file): which photo, not where it was.
+            "held_records": [{"photo": "/".join(Path(x["path"]).parts[-2:]),
+                              **{k: x[k] for k in ("verdict", "label", "confidence", "poisonous_mass", "ood_score")}}
+                             for x in rec["held_records"]],
+        })
+    return {"format": EVIDENCE_FORMAT, "split": split_id(manifest["images"]), "folds": folds}
+
+
+def _load_evidence(path: Path, manifest: dict):
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        ok = isinstance(doc, dict) and doc.get("format") == EVIDENCE_FORMAT and isinstance(doc.get("folds"), list)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not a fold evidence file ({e}); write it with mushcam-train folds") from None
+    if not ok or not doc["folds"]:
+        raise DataError(f"{path}: not a fold evidence file ({EVIDENCE_FORMAT}); write it with mushcam-train folds")
+    if doc.get("split") != split_id(manifest["images"]):
+        raise DataError(f"{path}: its folds were measured on another split than this WORK dir's; run the folds "
+                        "for this split (make loso) or leave out --loso")
+    parts, folds = [], []
+    try:
+        for fold in doc["folds"]:
+            held = fold["held_out"]
+            if held not in manifest["labels"] or fold["split"] != split_id(
+                    [im for im in manifest["images"] if im["label"] != held]):
+                raise DataError(f"{path}: the {held} fold was not trained on this split; run the folds (make loso)")
+            parts.append(_fold_part(held, fold["held_records"], fold["thresholds"], fold["roles"], path))
+            folds.append({k: fold[k] for k in FOLD_KEEP if k in fold})
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{path}: a fold lacks {e}; write the file again with mushcam-train folds") from None
+    return _stack(parts), folds
 
 
 def card_section(folds: list[dict], ood: dict | None, earlier: dict | None = None) -> dict:

@@ -4,10 +4,12 @@
 #   SHARED  the shared folder (holds data/mushrooms, data/fungi-other and weights/), e.g. ../shared
 #   WORK    a scratch dir for the manifest, the Keras model and reports (recreated)
 #   MODEL   the bundle to write, e.g. models/mushcam-mnv2-7sp (replaced only if the new one passes export,
-#           and only with folds: without them the bundle goes to WORK/bundle)
+#           and only with folds, from LOSO or FOLDS: without them the bundle goes to WORK/bundle)
 #   DOCS    (environment, default docs) where the risk-coverage curve and the score comparison are copied
 #   LOSO    (environment, default WORK-loso) leave-one-species-out folds of this split (`make loso`): when
 #           they are there, export calibrates on their held-out species too; LOSO= (empty) leaves them out
+#   FOLDS   (environment, default train/shared-pool-folds.json) the folds' evidence as one file: used when
+#           LOSO has no folds, rewritten when it has; FOLDS= (empty) leaves it out
 #   FROM    (environment) `export` skips prepare and fit (WORK already holds the fit: `make loso` re-exports)
 # The other pool (fungi-other) is the `other` class and the unseen species the thresholds are calibrated on.
 # See docs/training.md for the measured times.
@@ -65,25 +67,38 @@ if [ "${FROM:-prepare}" != export ]; then
     --epochs 30 --fine-tune-epochs 6 --feature-copies 4 --seed 2
 fi
 # The val other species alone under-predict a look-alike the model never saw (the scarletina fold: 50/264
-# EDIBLE at its own val-calibrated point), so the folds' held-out species, where `make loso` left them,
-# are calibration evidence too: all of them <= 1 % EDIBLE and each species <= 5 % (issue 9's targets).
+# EDIBLE at its own val-calibrated point), so the folds' held-out species are calibration evidence too: all
+# of them <= 1 % EDIBLE and each species <= 5 % (issue 9's targets). From the folds `make loso` left in
+# LOSO, else from FOLDS, the file those folds' evidence was last written to (no refit: the folds take an hour).
 LOSO=${LOSO-$WORK-loso}
+FOLDS=${FOLDS-train/shared-pool-folds.json}
 LOSO_ARGS=()
+FOLDS_FROM=
 OUT=$MODEL
 if [ -n "$LOSO" ] && compgen -G "$LOSO/without-*/loso.json" > /dev/null; then
-  LOSO_ARGS=(--loso "$LOSO" --max-held-edible 0.01 --max-held-fold-edible 0.05)
+  FOLDS_FROM=$LOSO
+elif [ -n "$FOLDS" ] && [ -f "$FOLDS" ]; then
+  FOLDS_FROM=$FOLDS
+  echo "note: calibrating on the fold evidence in $FOLDS (make loso measures the folds again)" >&2
 else
   # Without folds the val species alone set the thresholds: on this pool that point answered 1/179 known
   # poisonous test photos EDIBLE (the shipped, fold-calibrated one 0/179), so it never replaces MODEL
   # (export would refuse to anyway) nor the figures in DOCS.
   OUT=$WORK/bundle
-  echo "note: no leave-one-species-out folds in ${LOSO:-(LOSO empty)}: thresholds from the val species only, so the bundle goes to $OUT and $MODEL is left as it is (make loso adds the folds and writes $MODEL)" >&2
+  echo "note: no leave-one-species-out folds in ${LOSO:-(LOSO empty)} nor ${FOLDS:-(FOLDS empty)}: thresholds from the val species only, so the bundle goes to $OUT and $MODEL is left as it is (make loso adds the folds and writes $MODEL)" >&2
+fi
+if [ -n "$FOLDS_FROM" ]; then
+  LOSO_ARGS=(--loso "$FOLDS_FROM" --max-held-edible 0.01 --max-held-fold-edible 0.05)
 fi
 "${TRAIN[@]}" export "$WORK" --out "$OUT" --name "$(basename "$MODEL")" --calibration 1000 --samples 2 \
   --ood-method knn --max-unseen-edible 0.01 --max-poison-edible 0.005 --confidence-margin 0.02 --ood-margin 0.018 \
   --mass-margin 0.006 --margins-why "$MARGINS_WHY" \
   --other-samples 0 "${LOSO_ARGS[@]}"
 "${TRAIN[@]}" evaluate "$OUT" "$WORK" --split test --report "$WORK/report" --record
+if [ -n "$FOLDS_FROM" ] && [ "$FOLDS_FROM" = "$LOSO" ] && [ -n "$FOLDS" ]; then
+  # The folds just used, as one file, so that the next `make model` (another machine) calibrates the same way.
+  "${TRAIN[@]}" folds "$LOSO" "$WORK" --out "$FOLDS"
+fi
 if [ "$OUT" != "$MODEL" ]; then
   echo "val-only bundle: $OUT (test figures in $WORK/report); $MODEL and $DOCS unchanged" >&2
   exit 0
