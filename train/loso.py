@@ -216,13 +216,12 @@ def _fold_dirs(loso_dir: Path, manifest: dict):
     for f in files:
         rec = json.loads(f.read_text())
         held = rec["held_out"]
-        fold_images = json.loads((f.parent / "manifest.json").read_text())["images"]
-        want = [im for im in manifest["images"] if im["label"] != held]
-        if held not in manifest["labels"] or split_id(want) != split_id(fold_images):
-            differ = {(im["path"], im["label"], im["split"]) for im in want} ^ {
-                (im["path"], im["label"], im["split"]) for im in fold_images}
+        key = lambda im: (im["path"], im["label"], im["split"])  # noqa: E731
+        want = {key(im) for im in manifest["images"] if im["label"] != held}
+        got = {key(im) for im in json.loads((f.parent / "manifest.json").read_text())["images"]}
+        if held not in manifest["labels"] or want != got:
             raise DataError(f"{f.parent}: this fold was trained on a different split than {manifest.get('data_dir')} "
-                            f"({len(differ)} photos differ); re-run the folds (make loso) for this manifest")
+                            f"({len(want ^ got)} photos differ); re-run the folds (make loso) for this manifest")
         yield held, rec, json.loads((f.parent / "bundle" / "model.json").read_text()), f
 
 
@@ -251,14 +250,14 @@ def load_held(loso: Path, manifest: dict):
 
 def evidence(loso_dir: Path, manifest: dict) -> dict:
     """What export --loso reads from a folds folder, in one small JSON document (no photos, no models):
-    per fold its split id, thresholds, output roles, figures and per-photo records, so the shipped bundle
-    can be calibrated again (`make model`) without refitting the folds (`make loso`, about an hour)."""
+    the split's id (each fold was checked against it here, as load_held checks a folder) and per fold its
+    thresholds, output roles, figures and per-photo records, so the shipped bundle can be calibrated again
+    (`make model`) without refitting the folds (`make loso`, about an hour)."""
     folds = []
     for held, rec, card, f in _fold_dirs(Path(loso_dir), manifest):
         _fold_part(held, rec["held_records"], card["thresholds"], _roles(card), f)  # refuse an inconsistent fold
         folds.append({
             **{k: rec[k] for k in FOLD_KEEP if k in rec},
-            "split": split_id([im for im in manifest["images"] if im["label"] != held]),
             "thresholds": card["thresholds"],
             "roles": _roles(card),
             # The photo by its last two path parts (species folder / file): which photo, not where it was.
@@ -284,9 +283,8 @@ def _load_evidence(path: Path, manifest: dict):
     try:
         for fold in doc["folds"]:
             held = fold["held_out"]
-            if held not in manifest["labels"] or fold["split"] != split_id(
-                    [im for im in manifest["images"] if im["label"] != held]):
-                raise DataError(f"{path}: the {held} fold was not trained on this split; run the folds (make loso)")
+            if held not in manifest["labels"]:
+                raise DataError(f"{path}: {held} is not a class of this split; run the folds (make loso)")
             parts.append(_fold_part(held, fold["held_records"], fold["thresholds"], fold["roles"], path))
             folds.append({k: fold[k] for k in FOLD_KEEP if k in fold})
     except (KeyError, TypeError) as e:
